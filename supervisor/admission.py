@@ -1,0 +1,243 @@
+"""Admission control: who may run a guest now, who waits, and who is turned away.
+
+Step 4 of the request path (DESIGN.md). Pure trio, no I/O, so it is tested without a server.
+
+The pod has `slots` execution slots. A request takes one for as long as its guest runs, if its
+tenant is below `max_concurrency` and nobody of that tenant is waiting before it. Otherwise it
+waits, counted against its tenant's `max_queue` and the pod's `global_queue`, for at most its
+tenant's `queue_timeout_ms`. A freed slot goes to the next tenant, in round-robin order, that
+has a waiter and is below its own cap (FIFO within a tenant), so a tenant flooding the pod
+cannot starve a quiet one.
+
+Invariant, restored after every change: while a slot is free, no waiter could take it (each
+waiting tenant is at its cap). That is what lets the fast path take a free slot without looking
+at the queues of other tenants.
+
+Waiters park with `trio.lowlevel.wait_task_rescheduled`, so the fast path allocates no Event
+and waiting costs no more than trio's own `ParkingLot`. A waiter is removed from its queue by
+its abort function at the moment it is cancelled; a slot granted to a waiter cancelled in the
+same instant is released at once, which hands it to the next waiter.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import types
+from collections.abc import Mapping
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+
+import trio
+
+from supervisor.errors import Rejected
+
+# Seconds a refused client is told to wait (`Retry-After`). Queue waits are bounded by
+# `queue_timeout_ms` (about a second by default), so a slot usually frees within one second;
+# HTTP's Retry-After has whole-second resolution (RFC 9110 §10.2.3), so 1 is the shortest hint.
+RETRY_AFTER_S = 1
+
+
+class RejectReason(enum.StrEnum):
+    """Why admission refused a request: the `reason` of `Rejected` and the metric label."""
+
+    TENANT_QUEUE_FULL = "tenant_queue_full"
+    QUEUE_TIMEOUT = "queue_timeout"
+    POD_SATURATED = "pod_saturated"
+
+
+@dataclass(frozen=True, slots=True)
+class TenantLimits:
+    """A tenant's admission limits, taken from its policy on every request (hot reload)."""
+
+    max_concurrency: int
+    max_queue: int
+    queue_timeout_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class TenantStatistics:
+    running: int
+    waiting: int
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionStatistics:
+    """A frozen snapshot for `/metrics`: a collector reads state, it keeps no copy of its own."""
+
+    slots: int
+    busy_slots: int
+    waiting: int
+    global_queue: int
+    tenants: Mapping[str, TenantStatistics]
+    rejections: Mapping[str, int]
+
+
+class _Tenant:
+    """Live admission state of one tenant; dropped when it has nothing running or waiting."""
+
+    __slots__ = ("limits", "name", "running", "waiters")
+
+    def __init__(self, name: str, limits: TenantLimits) -> None:
+        self.name = name
+        self.limits = limits
+        self.running = 0
+        self.waiters: collections.deque[trio.lowlevel.Task] = collections.deque()
+
+    def can_run(self) -> bool:
+        return self.running < self.limits.max_concurrency
+
+
+class Admission:
+    """Execution slots shared by all tenants, with per-tenant caps and fair queueing."""
+
+    def __init__(self, *, slots: int, global_queue: int) -> None:
+        if slots < 1:
+            raise ValueError(f"slots must be at least 1, got {slots}")
+        if global_queue < 0:
+            raise ValueError(f"global_queue must not be negative, got {global_queue}")
+        self._slots = slots
+        self._global_queue = global_queue
+        self._busy = 0
+        self._waiting = 0
+        self._tenants: dict[str, _Tenant] = {}
+        # Tenants with waiters, in the order they are next served: the round-robin ring.
+        self._ring: collections.OrderedDict[str, _Tenant] = collections.OrderedDict()
+        # Every reason starts at 0 so its metric series exists before the first refusal.
+        self._rejections = dict.fromkeys(RejectReason, 0)
+
+    def admit(self, tenant: str, limits: TenantLimits) -> AbstractAsyncContextManager[None]:
+        """`async with admission.admit(t, limits):` runs holding one slot; raises `Rejected`."""
+        return _Ticket(self, tenant, limits)
+
+    def statistics(self) -> AdmissionStatistics:
+        return AdmissionStatistics(
+            slots=self._slots,
+            busy_slots=self._busy,
+            waiting=self._waiting,
+            global_queue=self._global_queue,
+            tenants=types.MappingProxyType(
+                {name: self._tenant_snapshot(state) for name, state in self._tenants.items()}
+            ),
+            rejections=types.MappingProxyType({str(k): v for k, v in self._rejections.items()}),
+        )
+
+    def tenant_statistics(self, tenant: str) -> TenantStatistics:
+        state = self._tenants.get(tenant)
+        if state is None:
+            return TenantStatistics(running=0, waiting=0)
+        return self._tenant_snapshot(state)
+
+    @staticmethod
+    def _tenant_snapshot(state: _Tenant) -> TenantStatistics:
+        return TenantStatistics(running=state.running, waiting=len(state.waiters))
+
+    async def _acquire(self, tenant: str, limits: TenantLimits) -> None:
+        # The one checkpoint of the fast path; every decision below is taken without yielding.
+        await trio.lowlevel.checkpoint()
+        state = self._tenants.get(tenant)
+        if state is None:
+            state = self._tenants[tenant] = _Tenant(tenant, limits)
+        else:
+            state.limits = limits
+            if state.waiters:
+                # A raised cap may let this tenant's waiters run now (hot reload).
+                self._dispatch()
+        # No need to look for this tenant's waiters: by the invariant, any would have run.
+        if self._busy < self._slots and state.can_run():
+            state.running += 1
+            self._busy += 1
+            return
+        self._check_room(state)
+        await self._wait(state, limits.queue_timeout_ms)
+
+    def _check_room(self, state: _Tenant) -> None:
+        """Refuse a request that would have to wait when there is no room to wait."""
+        if len(state.waiters) >= state.limits.max_queue:
+            self._forget_if_idle(state)
+            raise self._reject(429, RejectReason.TENANT_QUEUE_FULL, "tenant queue is full")
+        if self._waiting >= self._global_queue:
+            self._forget_if_idle(state)
+            if self._busy < self._slots:
+                # Slots are free: this tenant waits only for its own cap, so it is to blame.
+                raise self._reject(429, RejectReason.TENANT_QUEUE_FULL, "tenant queue is full")
+            raise self._reject(503, RejectReason.POD_SATURATED, "all execution slots are busy")
+
+    async def _wait(self, state: _Tenant, queue_timeout_ms: int) -> None:
+        task = trio.lowlevel.current_task()
+        state.waiters.append(task)
+        self._waiting += 1
+        if state.name not in self._ring:
+            self._ring[state.name] = state
+
+        def abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+            # Runs only while the task is still parked, hence still in its queue.
+            state.waiters.remove(task)
+            self._waiting -= 1
+            if not state.waiters:
+                del self._ring[state.name]
+            self._forget_if_idle(state)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        with trio.move_on_after(queue_timeout_ms / 1000) as timeout:
+            await trio.lowlevel.wait_task_rescheduled(abort)
+            # Granted a slot (already counted as ours). If we were cancelled in the same
+            # instant, nobody will use it: release it to the next waiter and give up.
+            try:
+                await trio.lowlevel.checkpoint_if_cancelled()
+            except BaseException:
+                self._release(state.name)
+                raise
+        if timeout.cancelled_caught:
+            raise self._reject(429, RejectReason.QUEUE_TIMEOUT, "timed out waiting in the queue")
+
+    def _release(self, tenant: str) -> None:
+        state = self._tenants[tenant]
+        state.running -= 1
+        self._busy -= 1
+        self._dispatch()
+        self._forget_if_idle(state)
+
+    def _dispatch(self) -> None:
+        """Hand free slots to waiters, round robin over tenants below their cap."""
+        while self._busy < self._slots:
+            for state in self._ring.values():
+                if state.can_run():
+                    break
+            else:
+                return
+            task = state.waiters.popleft()
+            if state.waiters:
+                self._ring.move_to_end(state.name)
+            else:
+                del self._ring[state.name]
+            self._waiting -= 1
+            state.running += 1
+            self._busy += 1
+            trio.lowlevel.reschedule(task)
+
+    def _forget_if_idle(self, state: _Tenant) -> None:
+        if state.running == 0 and not state.waiters:
+            del self._tenants[state.name]
+
+    def _reject(self, status: int, reason: RejectReason, message: str) -> Rejected:
+        self._rejections[reason] += 1
+        return Rejected(message, status=status, reason=str(reason), retry_after=RETRY_AFTER_S)
+
+
+class _Ticket:
+    """The context manager `admit` returns: one small object, nothing else on the fast path."""
+
+    __slots__ = ("_admission", "_limits", "_tenant")
+
+    def __init__(self, admission: Admission, tenant: str, limits: TenantLimits) -> None:
+        self._admission = admission
+        self._tenant = tenant
+        self._limits = limits
+
+    async def __aenter__(self) -> None:
+        await self._admission._acquire(self._tenant, self._limits)
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        # No checkpoint: the slot is given back even when the request is being cancelled.
+        self._admission._release(self._tenant)

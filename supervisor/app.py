@@ -1,0 +1,111 @@
+"""Wires one worker process together: sandbox, artifact cache, registry, admission, server.
+
+`run` is what `wasm-supervisor serve` calls, and what the tests start in their own nursery
+(`await nursery.start(app.run, config)` gives the bound port), so tests exercise the very
+assembly that production runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from . import server
+from .admission import Admission
+from .gateway import Gateway
+from .modules import ArtifactCache
+from .sandbox import Sandbox
+from .tenants import WATCH_INTERVAL_S, TenantRegistry
+
+log = logging.getLogger("supervisor.app")
+
+DEFAULT_SLOTS = 16
+"""Guests running at once: threads help CPU-bound and sleeping guests, not short ones (GIL)."""
+DEFAULT_GLOBAL_QUEUE = 256
+
+
+def default_cache_dir() -> Path:
+    """Under the user's cache directory, never inside `tenants/` (tenants must not write it)."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "wasm-supervisor"
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    host: str = "0.0.0.0"
+    port: int = 8080
+    tenants_dir: Path = Path("tenants")
+    policies_dir: Path = Path("policies")
+    cache_dir: Path = field(default_factory=default_cache_dir)
+    slots: int = DEFAULT_SLOTS
+    global_queue: int = DEFAULT_GLOBAL_QUEUE
+    watch_interval_s: float = WATCH_INTERVAL_S
+    server: server.ServerConfig = field(default_factory=server.ServerConfig)
+    handle_signals: bool = True
+
+
+@dataclass
+class RunningApp:
+    """What `run` hands to `task_status.started`: enough for a caller (or a test) to drive it."""
+
+    port: int
+    registry: TenantRegistry
+    admission: Admission
+    shutdown: trio.Event
+
+
+async def run(config: AppConfig, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Serve until SIGTERM/SIGINT (or `shutdown` is set), then drain and return."""
+    with Sandbox() as sandbox:
+        cache = ArtifactCache(config.cache_dir, sandbox.engine, sandbox.settings)
+        registry = TenantRegistry(config.tenants_dir, config.policies_dir, sandbox, cache)
+        started = time.perf_counter()
+        state = await trio.to_thread.run_sync(registry.reload)
+        log.info(
+            "loaded %d tenants (%d routes) in %.2fs; compiled %d, cache hits %d; %d errors",
+            len(state.tenants),
+            sum(len(tenant.routes) for tenant in state.tenants.values()),
+            time.perf_counter() - started,
+            cache.misses,
+            cache.hits,
+            len(state.errors),
+        )
+        admission = Admission(slots=config.slots, global_queue=config.global_queue)
+        gateway = Gateway(registry, sandbox, admission, trio.CapacityLimiter(config.slots))
+        listeners = await server.open_listeners(config.host, config.port)
+        port = server.bound_port(listeners)
+        shutdown = trio.Event()
+        async with trio.open_nursery() as nursery:
+            if config.handle_signals:
+                nursery.start_soon(_handle_signals, registry, shutdown)
+            nursery.start_soon(registry.watch, config.watch_interval_s)
+            async with trio.open_nursery() as serving:
+                await serving.start(
+                    functools.partial(
+                        server.serve, gateway.handle, listeners, config.server, shutdown=shutdown
+                    )
+                )
+                log.info("serving on http://%s:%d", config.host, port)
+                task_status.started(RunningApp(port, registry, admission, shutdown))
+            # `serve` returned: shutdown was asked and in-flight requests are drained.
+            nursery.cancel_scope.cancel()
+        log.info("stopped")
+
+
+async def _handle_signals(registry: TenantRegistry, shutdown: trio.Event) -> None:
+    """SIGTERM/SIGINT drain and stop; SIGHUP reloads every tenant now."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                log.info("SIGHUP: reloading policies and modules")
+                await trio.to_thread.run_sync(lambda: registry.reload(force=True))
+            else:
+                log.info("%s: draining", signal.Signals(signum).name)
+                shutdown.set()

@@ -1,0 +1,187 @@
+"""The `wasm-supervisor` command.
+
+Every flag of `serve` can also be set through the environment as `SUPERVISOR_<FLAG>` (upper
+case, `-` → `_`), so a container sets its paths without a wrapper script; a flag given on the
+command line wins. `--listen` defaults to `0.0.0.0:$PORT` (Knative sets `PORT`), `PORT`
+defaulting to 8080.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import trio
+
+from . import __version__, app, policies, server
+from .errors import ConfigError
+
+DEFAULT_PORT = 8080
+
+# LogRecord attributes that are not a request's own fields (the JSON formatter skips them).
+_RECORD_ATTRIBUTES = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message",
+    "asctime",
+}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and the record's extra fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        entry.update(
+            (key, value) for key, value in vars(record).items() if key not in _RECORD_ATTRIBUTES
+        )
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure_logging(log_format: str, level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
+def _env_default(flag: str, default: str | None) -> str | None:
+    return os.environ.get("SUPERVISOR_" + flag.upper().replace("-", "_"), default)
+
+
+def _listen_address(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _positive_int(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return int(value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="wasm-supervisor", description="A multi-tenant host for WebAssembly HTTP handlers."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="serve the tenants over HTTP")
+    port = os.environ.get("PORT", str(DEFAULT_PORT))
+    options: list[tuple[str, dict]] = [
+        (
+            "listen",
+            {"type": _listen_address, "default": f"0.0.0.0:{port}", "help": "HOST:PORT"},
+        ),
+        ("tenants", {"type": Path, "default": "tenants", "help": "tenant folders"}),
+        ("policies", {"type": Path, "default": "policies", "help": "policy files"}),
+        (
+            "cache",
+            {
+                "type": Path,
+                "default": str(app.default_cache_dir()),
+                "help": "compiled-artifact cache (never inside the tenants folder)",
+            },
+        ),
+        (
+            "slots",
+            {
+                "type": _positive_int,
+                "default": str(app.DEFAULT_SLOTS),
+                "help": "execution slots: guests running at once",
+            },
+        ),
+        (
+            "global-queue",
+            {
+                "type": int,
+                "default": str(app.DEFAULT_GLOBAL_QUEUE),
+                "help": "requests waiting for a slot, all tenants together",
+            },
+        ),
+        (
+            "grace-period",
+            {
+                "type": float,
+                "default": "30",
+                "help": "seconds in-flight requests get to finish on SIGTERM",
+            },
+        ),
+        ("log-format", {"choices": ["text", "json"], "default": "text"}),
+        ("log-level", {"default": "info"}),
+    ]
+    for flag, spec in options:
+        spec = dict(spec)
+        spec["default"] = _env_default(flag, spec["default"])
+        serve.add_argument(f"--{flag}", **spec)
+
+    policy = commands.add_parser("policy", help="policy tools")
+    policy_commands = policy.add_subparsers(dest="policy_command", required=True)
+    check = policy_commands.add_parser("check", help="validate a policy folder")
+    check.add_argument(
+        "--policies", type=Path, default=Path(_env_default("policies", "policies") or "policies")
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    return _policy_check(args.policies)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    configure_logging(args.log_format, args.log_level)
+    host, port = args.listen
+    if args.cache.resolve().is_relative_to(args.tenants.resolve()):
+        print("error: --cache must not be inside --tenants (tenants write there)", file=sys.stderr)
+        return 2
+    config = app.AppConfig(
+        host=host,
+        port=port,
+        tenants_dir=args.tenants,
+        policies_dir=args.policies,
+        cache_dir=args.cache,
+        slots=args.slots,
+        global_queue=args.global_queue,
+        server=server.ServerConfig(grace_period_s=args.grace_period),
+    )
+    try:
+        trio.run(app.run, config)
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _policy_check(directory: Path) -> int:
+    """Print every policy problem, one per line; exit 1 if there is any."""
+    try:
+        policy_set = policies.load_policy_dir(directory)
+    except ConfigError as exc:
+        print(exc.message, file=sys.stderr)
+        return 1
+    for error in policy_set.errors.values():
+        print(error.message, file=sys.stderr)
+    print(f"{len(policy_set.policies)} valid, {len(policy_set.errors)} invalid")
+    return 1 if policy_set.errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

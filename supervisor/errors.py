@@ -1,0 +1,149 @@
+"""Every error that can end a request, each knowing its HTTP status and metric outcome.
+
+The hierarchy is translated into a response once, at the gateway boundary:
+
+    SupervisorError                 status, outcome, message (safe to show a client)
+    ├── ClientError                 the HTTP client is at fault (4xx)
+    │   ├── NotFound                404 unknown tenant / no route
+    │   ├── BodyTooLarge            413
+    │   ├── HeadTooLarge            431
+    │   ├── RequestTimeout          408 body (or head) not received in time
+    │   └── BadRequest              400 malformed HTTP
+    ├── Rejected                    admission said no (429 tenant / 503 pod), with Retry-After
+    ├── GuestError                  the guest misbehaved (5xx)
+    │   ├── GuestTrap               500 trap, proc_exit(n != 0), missing entrypoint
+    │   ├── GuestMemoryExhausted    500, classified as `memory`
+    │   ├── GuestFuelExhausted      503 without Retry-After: retrying won't help
+    │   ├── GuestTimeout            504 wall-clock deadline
+    │   ├── GuestOutputTooLarge     502 stdout over max_response_bytes
+    │   └── GuestBadOutput          500/502 output that is not valid CGI
+    ├── ModuleRejected              422 a module that cannot be served (named reason)
+    └── ConfigError                 a policy or modules.toml that failed validation
+
+Anything else raised while serving a request is a bug and answers 500 `internal`.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class Outcome(enum.StrEnum):
+    """The metric and log label of a finished request: one value per row of DESIGN.md."""
+
+    OK = "ok"
+    TRAP = "trap"
+    FUEL = "fuel"
+    TIMEOUT = "timeout"
+    MEMORY = "memory"
+    OUTPUT_LIMIT = "output_limit"
+    BAD_OUTPUT = "bad_output"
+    REJECTED = "rejected"
+    NOT_FOUND = "not_found"
+    CLIENT_ERROR = "client_error"
+    INTERNAL = "internal"
+
+
+class SupervisorError(Exception):
+    """Base class. `message` is what the client sees; it never holds guest memory or secrets."""
+
+    status: int = 500
+    outcome: Outcome = Outcome.INTERNAL
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if status is not None:
+            self.status = status
+
+
+class ClientError(SupervisorError):
+    status = 400
+    outcome = Outcome.CLIENT_ERROR
+
+
+class BadRequest(ClientError):
+    status = 400
+
+
+class NotFound(ClientError):
+    status = 404
+    outcome = Outcome.NOT_FOUND
+
+
+class BodyTooLarge(ClientError):
+    status = 413
+
+
+class HeadTooLarge(ClientError):
+    status = 431
+
+
+class RequestTimeout(ClientError):
+    status = 408
+
+
+class Rejected(SupervisorError):
+    """Admission refused the request; the client may retry after `retry_after` seconds."""
+
+    status = 429
+    outcome = Outcome.REJECTED
+
+    def __init__(self, message: str, *, status: int, reason: str, retry_after: int) -> None:
+        super().__init__(message, status=status)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+class GuestError(SupervisorError):
+    status = 500
+    outcome = Outcome.TRAP
+
+
+class GuestTrap(GuestError):
+    status = 500
+    outcome = Outcome.TRAP
+
+
+class GuestMemoryExhausted(GuestError):
+    status = 500
+    outcome = Outcome.MEMORY
+
+
+class GuestFuelExhausted(GuestError):
+    status = 503
+    outcome = Outcome.FUEL
+
+
+class GuestTimeout(GuestError):
+    status = 504
+    outcome = Outcome.TIMEOUT
+
+
+class GuestOutputTooLarge(GuestError):
+    status = 502
+    outcome = Outcome.OUTPUT_LIMIT
+
+
+class GuestBadOutput(GuestError):
+    """stdout is not valid CGI: 500 when headers are missing, 502 when they are invalid."""
+
+    status = 502
+    outcome = Outcome.BAD_OUTPUT
+
+
+class ModuleRejected(ClientError):
+    """A module we refuse to load or accept: not WebAssembly, bad imports, no entrypoint..."""
+
+    status = 422
+
+
+class ConfigError(SupervisorError):
+    """A configuration file failed validation; the message names the file, the key and why."""
+
+    def __init__(self, source: str, key: str | None, reason: str) -> None:
+        where = f"{source}: {key}" if key else source
+        super().__init__(f"{where}: {reason}")
+        self.source = source
+        self.key = key
+        self.reason = reason

@@ -1,0 +1,195 @@
+"""One request, top to bottom: tenant → route → body → admission → sandbox → response.
+
+Every way a request can end is a `SupervisorError` (errors.py) or a guest's CGI output; both
+become one `Response` here, with one access-log line carrying the request id, tenant, route,
+status, outcome, duration and fuel used.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from dataclasses import dataclass
+
+import trio
+
+from . import wagi
+from .admission import Admission
+from .errors import GuestBadOutput, NotFound, Outcome, Rejected, SupervisorError
+from .routing import RouteMatch
+from .sandbox import GuestRun, Sandbox
+from .server import Request, RequestBody, Response
+from .tenants import RouteTarget, Tenant, TenantRegistry
+
+access_log = logging.getLogger("supervisor.access")
+guest_log = logging.getLogger("supervisor.guest")
+
+HEALTH_PATH = "/healthz"
+_TEXT = [(b"content-type", b"text/plain; charset=utf-8")]
+_STDERR_LOG_LIMIT = 4096
+"""Bytes of a guest's stderr copied into the process log per request (the rest is counted)."""
+
+
+@dataclass(slots=True)
+class _Resolved:
+    tenant: Tenant
+    base_path: str  # "/<tenant>" when addressed by path, "" when by host
+    match: RouteMatch[RouteTarget]
+
+
+class Gateway:
+    """The server's request handler. Holds no per-request state."""
+
+    def __init__(
+        self,
+        registry: TenantRegistry,
+        sandbox: Sandbox,
+        admission: Admission,
+        guest_threads: trio.CapacityLimiter,
+    ) -> None:
+        self.registry = registry
+        self.sandbox = sandbox
+        self.admission = admission
+        self.guest_threads = guest_threads
+
+    async def handle(self, request: Request, body: RequestBody) -> Response:
+        started = time.perf_counter()
+        if request.path == HEALTH_PATH:
+            return Response(200, list(_TEXT), b"OK\n")
+        tenant_name = route = "-"
+        fuel_used = 0
+        try:
+            resolved = self._resolve(request)
+            tenant_name = resolved.tenant.name
+            route = resolved.match.route.pattern
+            run = await self._run(request, body, resolved)
+            fuel_used = run.fuel_used
+            response, outcome = respond(run)
+        except SupervisorError as error:
+            response, outcome = error_response(error), error.outcome
+        access_log.info(
+            "%s %s %s %s %d %s %.1fms fuel=%d",
+            request.request_id,
+            tenant_name,
+            request.method,
+            route,
+            response.status,
+            outcome,
+            (time.perf_counter() - started) * 1000,
+            fuel_used,
+            extra={
+                "request_id": request.request_id,
+                "tenant": tenant_name,
+                "method": request.method,
+                "path": request.path,
+                "route": route,
+                "status": response.status,
+                "outcome": str(outcome),
+                "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+                "fuel_used": fuel_used,
+            },
+        )
+        return response
+
+    def _resolve(self, request: Request) -> _Resolved:
+        """Tenant by `Host` first, else by the first path segment; then the route."""
+        state = self.registry.state
+        tenant = state.tenant_for_host(host_name(request.host)) if request.host else None
+        base_path = ""
+        path = request.path
+        if tenant is None:
+            segment, slash, rest = path[1:].partition("/")
+            tenant = state.tenants.get(segment)
+            if tenant is None:
+                raise NotFound(f"no tenant serves {path!r}")
+            base_path = "/" + segment
+            path = slash + rest or "/"
+        match = tenant.routes.match(path)
+        if match is None:
+            raise NotFound(f"tenant {tenant.name!r} has no route for {path!r}")
+        return _Resolved(tenant, base_path, match)
+
+    async def _run(self, request: Request, body: RequestBody, resolved: _Resolved) -> GuestRun:
+        tenant, match = resolved.tenant, resolved.match
+        target = match.route.target
+        stdin = await body.read(tenant.policy.max_request_bytes)
+        cgi = wagi.CgiRequest(
+            method=request.method,
+            path=request.path,
+            query=request.query,
+            has_query=request.has_query,
+            http_version=request.http_version,
+            headers=request.headers,
+            host=request.host,
+            server_port=request.server_port,
+            client_addr=request.client_addr,
+            body_length=len(stdin),
+        )
+        env = wagi.build_env(
+            cgi,
+            script_name=(resolved.base_path + match.script_name) or "/",
+            path_info_raw=match.path_info_raw,
+            matched_route=match.route.pattern,
+            base_path=resolved.base_path or "/",
+            tenant_env=tenant.policy.env,
+        )
+        argv = wagi.build_argv(cgi, target.argv_template)
+        run_guest = functools.partial(
+            self.sandbox.run,
+            target.prepared,
+            target.entrypoint,
+            argv=argv,
+            env=env,
+            stdin=stdin,
+            limits=tenant.guest_limits,
+            volumes=target.volumes,
+        )
+        async with self.admission.admit(tenant.name, tenant.admission_limits):
+            run = await trio.to_thread.run_sync(run_guest, limiter=self.guest_threads)
+        if run.stderr:
+            _log_stderr(tenant.name, request.request_id, run)
+        return run
+
+
+def respond(run: GuestRun) -> tuple[Response, Outcome]:
+    """The response to a finished guest run: its CGI output, or the error it ended in."""
+    try:
+        if run.error is not None:
+            raise run.error
+        output = wagi.parse_output(run.stdout)
+        if output.status < 200:
+            raise GuestBadOutput(f"guest sent an informational status {output.status}")
+    except SupervisorError as error:
+        return error_response(error), error.outcome
+    return Response(output.status, output.headers, output.body, output.reason), Outcome.OK
+
+
+def error_response(error: SupervisorError) -> Response:
+    """The one response of an error: its status and its client-safe message."""
+    headers = list(_TEXT)
+    if isinstance(error, Rejected):
+        headers.append((b"retry-after", str(error.retry_after).encode()))
+    return Response(error.status, headers, error.message.encode() + b"\n")
+
+
+def host_name(host: str) -> str:
+    """`Host` without its port, lower-cased; IPv6 literals keep their brackets."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[: host.find("]") + 1]
+    return host.partition(":")[0]
+
+
+def _log_stderr(tenant: str, request_id: str, run: GuestRun) -> None:
+    text = run.stderr[:_STDERR_LOG_LIMIT].decode("utf-8", errors="replace")
+    more = len(run.stderr) - _STDERR_LOG_LIMIT
+    if more > 0 or run.stderr_truncated:
+        text += f" [... {max(more, 0)} more bytes{', capped' if run.stderr_truncated else ''}]"
+    guest_log.info(
+        "%s %s stderr: %s",
+        request_id,
+        tenant,
+        text,
+        extra={"request_id": request_id, "tenant": tenant},
+    )

@@ -1,0 +1,179 @@
+"""Compiled modules: compile once per content and engine settings, load from disk after that.
+
+Compiling is the cold start (about a second per MB); loading a compiled artifact with
+`Module.deserialize_file` (mmap) takes milliseconds. An artifact is native code that wasmtime
+loads without checking, and a flipped byte loads without error (FACTS.md), so:
+
+- artifacts live in the cache directory only (never under `tenants/`, where tenants write);
+- each is written atomically (temp file, fsync, rename, fsync the folder), and its size and
+  SHA-256 are recorded beside it *after* it is complete;
+- before an artifact is trusted, its size and digest are checked against that record; a
+  mismatch, a missing record or a failed load means it is rebuilt, never loaded.
+
+Everything here blocks: callers run it in a worker thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import platform
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import wasmtime
+
+from .errors import ModuleRejected
+
+log = logging.getLogger("supervisor.modules")
+
+ARTIFACT_SUFFIX = ".cwasm"
+RECORD_SUFFIX = ".json"
+_HASH_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledModule:
+    sha256: str  # of the module's binary (WAT is converted first)
+    size: int  # bytes of the binary
+    module: wasmtime.Module
+    compile_s: float  # time to compile or, on a cache hit, to verify and load
+    cache_hit: bool
+
+
+def engine_fingerprint(engine_settings: str) -> str:
+    """Names the cache folder: artifacts only load into an engine built the same way."""
+    version = importlib.metadata.version("wasmtime")
+    text = f"wasmtime-{version}|{platform.machine()}|{engine_settings}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def to_binary(source: bytes, *, name: str) -> bytes:
+    """The module's binary: `.wat` text is converted; anything else must be a binary."""
+    if source[:4] == b"\0asm":
+        return source
+    if name.endswith(".wat") or source.lstrip()[:1] == b"(":
+        try:
+            return wasmtime.wat2wasm(source.decode("utf-8"))
+        except (UnicodeDecodeError, wasmtime.WasmtimeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid"
+            raise ModuleRejected(f"{name}: invalid WebAssembly text: {first}") from exc
+    return source
+
+
+class ArtifactCache:
+    """A folder of compiled artifacts for one engine, safe to share between processes."""
+
+    def __init__(self, directory: Path, engine: wasmtime.Engine, engine_settings: str) -> None:
+        self.directory = directory / engine_fingerprint(engine_settings)
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.engine = engine
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+        self.rebuilt = 0
+
+    def load(self, binary: bytes, *, name: str) -> CompiledModule:
+        """Compile `binary`, or load its verified artifact. Raises ModuleRejected."""
+        digest = hashlib.sha256(binary).hexdigest()
+        with self._lock_for(digest):
+            started = time.perf_counter()
+            module = self._load_artifact(digest)
+            if module is not None:
+                self.hits += 1
+                return CompiledModule(
+                    digest, len(binary), module, time.perf_counter() - started, True
+                )
+            self.misses += 1
+            try:
+                module = wasmtime.Module(self.engine, binary)
+            except wasmtime.WasmtimeError as exc:
+                raise ModuleRejected(f"{name}: invalid WebAssembly module: {_reason(exc)}") from exc
+            compile_s = time.perf_counter() - started
+            self._store_artifact(digest, module)
+            return CompiledModule(digest, len(binary), module, compile_s, False)
+
+    def _lock_for(self, digest: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault(digest, threading.Lock())
+
+    def _paths(self, digest: str) -> tuple[Path, Path]:
+        return (
+            self.directory / f"{digest}{ARTIFACT_SUFFIX}",
+            self.directory / f"{digest}{RECORD_SUFFIX}",
+        )
+
+    def _load_artifact(self, digest: str) -> wasmtime.Module | None:
+        artifact, record_path = self._paths(digest)
+        try:
+            record = json.loads(record_path.read_bytes())
+            expected_size, expected_sha = int(record["size"]), str(record["sha256"])
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError):
+            log.warning("artifact record %s is unreadable; rebuilding", record_path)
+            self.rebuilt += 1
+            return None
+        try:
+            with artifact.open("rb") as file:
+                if os.fstat(file.fileno()).st_size != expected_size:
+                    raise ValueError("size differs from its record")
+                if _file_sha256(file) != expected_sha:
+                    raise ValueError("digest differs from its record")
+            return wasmtime.Module.deserialize_file(self.engine, str(artifact))
+        except (OSError, ValueError, wasmtime.WasmtimeError) as exc:
+            log.warning("artifact %s rejected (%s); rebuilding", artifact.name, _reason(exc))
+            self.rebuilt += 1
+            return None
+
+    def _store_artifact(self, digest: str, module: wasmtime.Module) -> None:
+        artifact, record_path = self._paths(digest)
+        data = module.serialize()
+        record = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        try:
+            _write_atomically(artifact, data)
+            _write_atomically(record_path, json.dumps(record).encode())
+            _fsync_directory(self.directory)
+        except OSError as exc:  # a read-only or full cache costs speed, not service
+            log.warning("could not store artifact %s: %s", artifact.name, exc)
+
+
+def _file_sha256(file: object) -> str:
+    digest = hashlib.sha256()
+    while chunk := file.read(_HASH_CHUNK):  # type: ignore[attr-defined]
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Readers see the old file or the whole new one, never a part (temp, fsync, rename)."""
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__

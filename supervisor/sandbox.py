@@ -1,0 +1,415 @@
+"""The wasmtime engine and one isolated store per request, with the tenant's limits.
+
+One `Sandbox` owns the process's `Engine` (fuel and epoch interruption on), the `Linker` with
+WASI and the two WASI functions we replace, and the epoch ticker thread. `Sandbox.run` is
+called in a worker thread, never on the event loop: it builds a fresh `Store`, runs one
+export, and classifies how it ended into one `GuestError` subclass (or none).
+
+Replaced WASI functions (FACTS.md explains why each is needed):
+
+- `fd_write`: wasmtime's writes only the first buffer of a gather write (WAGI.md wants all),
+  and stdout needs a cap that *stops* the guest rather than buffering forever. Ours writes
+  every buffer into a capped per-request buffer; stderr is kept up to its own cap.
+- `poll_oneoff`: a guest asleep inside wasmtime's is not interrupted by the epoch deadline.
+  Ours sleeps at most until the request's deadline, then stops the guest.
+
+Host functions never raise (an exception there is re-raised in whichever thread traps next):
+they record a fault on the request's own state and stop the guest by emptying its fuel.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import math
+import struct
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import wasmtime
+from wasmtime import ExitTrap, Trap, TrapCode, WasmtimeError
+
+from . import wasmtime_ext
+from .errors import (
+    GuestError,
+    GuestFuelExhausted,
+    GuestMemoryExhausted,
+    GuestOutputTooLarge,
+    GuestTimeout,
+    GuestTrap,
+)
+
+log = logging.getLogger("supervisor.sandbox")
+
+EPOCH_TICK_S = 0.005
+"""How often the ticker advances the engine's epoch: the deadline's resolution."""
+
+WASM_PAGE = 65536
+WASI_MODULE = "wasi_snapshot_preview1"
+
+# WASI preview1 errno values used by the replaced functions.
+ERRNO_SUCCESS = 0
+ERRNO_BADF = 8
+ERRNO_FAULT = 21
+ERRNO_INVAL = 28
+ERRNO_NOTSUP = 58
+
+_IOVEC = struct.Struct("<II")
+_SUBSCRIPTION_SIZE = 48
+_SUBSCRIPTION_HEAD = struct.Struct("<QB")  # userdata, tag
+_SUBSCRIPTION_CLOCK = struct.Struct("<IxxxxQQH")  # clock id, timeout ns, precision, flags
+_SUBSCRIPTION_FD = struct.Struct("<I")
+_EVENT = struct.Struct("<QHBxxxxxQH6x")  # userdata, errno, type, nbytes, flags
+_EVENT_SIZE = 32
+_EVENTTYPE_CLOCK = 0
+_SUBCLOCKFLAG_ABSTIME = 1
+_CLOCK_REALTIME = 0
+_MAX_SUBSCRIPTIONS = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class GuestLimits:
+    """The limits of one run, taken from the tenant's policy."""
+
+    fuel: int
+    memory_bytes: int
+    timeout_ms: int
+    max_stdout_bytes: int
+    max_stderr_bytes: int = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Volume:
+    host_dir: str
+    guest_path: str
+
+
+@dataclass(slots=True)
+class GuestRun:
+    """How one run ended. `error` is None on success; the rest is filled in either way."""
+
+    stdout: bytes
+    stderr: bytes
+    stderr_truncated: bool
+    fuel_used: int
+    memory_bytes: int
+    duration_s: float
+    error: GuestError | None = None
+
+
+@dataclass(slots=True)
+class _RunState:
+    """What the replaced host functions of one run share with `Sandbox.run` (thread-local)."""
+
+    deadline: float
+    max_stdout: int
+    max_stderr: int
+    stdout: bytearray = field(default_factory=bytearray)
+    stderr: bytearray = field(default_factory=bytearray)
+    stderr_truncated: bool = False
+    fault: GuestError | None = None
+
+
+class PreparedModule:
+    """A compiled module linked once against the sandbox's imports (an `InstancePre`)."""
+
+    __slots__ = ("exports", "instance_pre", "module")
+
+    def __init__(self, module: wasmtime.Module, instance_pre: wasmtime.InstancePre) -> None:
+        self.module = module
+        self.instance_pre = instance_pre
+        self.exports = frozenset(export.name for export in module.exports)
+
+
+class Sandbox:
+    """The process-wide engine; `run` may be called from many threads at once."""
+
+    def __init__(self) -> None:
+        config = wasmtime.Config()
+        config.consume_fuel = True
+        config.epoch_interruption = True
+        config.cranelift_opt_level = "speed"
+        self.settings = "consume_fuel,epoch_interruption,opt=speed"
+        """Names the engine's settings for the artifact cache: change it with the config."""
+        self.engine = wasmtime.Engine(config)
+        self._local = threading.local()
+        self.linker = self._build_linker()
+        self._stop_ticker = threading.Event()
+        self._ticker = threading.Thread(target=self._tick, name="epoch-ticker", daemon=True)
+        self._ticker.start()
+
+    def close(self) -> None:
+        self._stop_ticker.set()
+        self._ticker.join()
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _tick(self) -> None:
+        while not self._stop_ticker.wait(EPOCH_TICK_S):
+            self.engine.increment_epoch()
+
+    def prepare(self, module: wasmtime.Module) -> PreparedModule:
+        """Link `module` once; raises WasmtimeError naming an import we cannot satisfy."""
+        return PreparedModule(module, self.linker.instantiate_pre(module))
+
+    def run(
+        self,
+        prepared: PreparedModule,
+        entrypoint: str,
+        *,
+        argv: Sequence[str],
+        env: Mapping[str, str],
+        stdin: bytes,
+        limits: GuestLimits,
+        volumes: Iterable[Volume] = (),
+    ) -> GuestRun:
+        """Run `entrypoint` in a fresh store. Blocking: call it from a worker thread."""
+        started = time.monotonic()
+        state = _RunState(
+            deadline=started + limits.timeout_ms / 1000,
+            max_stdout=limits.max_stdout_bytes,
+            max_stderr=limits.max_stderr_bytes,
+        )
+        store = wasmtime.Store(self.engine)
+        memory_bytes = 0
+        error: GuestError | None = None
+        self._local.state = state
+        try:
+            store.set_fuel(limits.fuel)
+            store.set_epoch_deadline(math.ceil(limits.timeout_ms / 1000 / EPOCH_TICK_S) + 1)
+            store.set_limits(memory_size=limits.memory_bytes)
+            store.set_wasi(_wasi_config(argv, env, stdin, volumes))
+            try:
+                instance = prepared.instance_pre.instantiate(store)
+            except (Trap, WasmtimeError) as exc:
+                error = _instantiation_error(exc, limits)
+            else:
+                error, memory_bytes = _call_export(store, instance, entrypoint, limits)
+            fuel_used = limits.fuel - store.get_fuel()
+        finally:
+            self._local.state = None
+            store.close()
+        if state.fault is not None:
+            error = state.fault
+        return GuestRun(
+            stdout=bytes(state.stdout),
+            stderr=bytes(state.stderr),
+            stderr_truncated=state.stderr_truncated,
+            fuel_used=fuel_used,
+            memory_bytes=memory_bytes,
+            duration_s=time.monotonic() - started,
+            error=error,
+        )
+
+    def _build_linker(self) -> wasmtime.Linker:
+        linker = wasmtime.Linker(self.engine)
+        linker.define_wasi()
+        linker.allow_shadowing = True
+        i32 = wasmtime.ValType.i32()
+        four_i32 = wasmtime.FuncType([i32, i32, i32, i32], [i32])
+        linker.define_func(WASI_MODULE, "fd_write", four_i32, self._fd_write, access_caller=True)
+        linker.define_func(
+            WASI_MODULE, "poll_oneoff", four_i32, self._poll_oneoff, access_caller=True
+        )
+        linker.allow_shadowing = False
+        return linker
+
+    # Replaced WASI functions. They run on the guest's thread, so `self._local.state` is the
+    # state of the request that called them. They must never raise.
+
+    def _fd_write(
+        self, caller: wasmtime.Caller, fd: int, iovs: int, iovs_len: int, nwritten: int
+    ) -> int:
+        try:
+            state: _RunState = self._local.state
+            if fd not in (1, 2):
+                return ERRNO_BADF
+            memory = caller.get("memory")
+            if not isinstance(memory, wasmtime.Memory):
+                return ERRNO_FAULT
+            base, length = wasmtime_ext.memory_span(caller, memory)
+            if iovs_len < 0 or iovs + 8 * iovs_len > length or nwritten + 4 > length:
+                return ERRNO_FAULT
+            table = ctypes.string_at(base + iovs, 8 * iovs_len)
+            total = 0
+            for offset in range(0, 8 * iovs_len, 8):
+                pointer, size = _IOVEC.unpack_from(table, offset)
+                if pointer + size > length:
+                    return ERRNO_FAULT
+                if size:
+                    total += size
+                    if fd == 1:
+                        state.stdout += ctypes.string_at(base + pointer, size)
+                    else:
+                        _append_stderr(state, ctypes.string_at(base + pointer, size))
+            if fd == 1 and len(state.stdout) > state.max_stdout:
+                del state.stdout[state.max_stdout :]
+                state.fault = GuestOutputTooLarge(
+                    f"guest output exceeded max_response_bytes ({state.max_stdout} bytes)"
+                )
+                wasmtime_ext.stop_guest(caller)
+            ctypes.memmove(base + nwritten, total.to_bytes(4, "little"), 4)
+            return ERRNO_SUCCESS
+        except Exception:  # a bug here must not leak into another request's trap
+            log.exception("fd_write failed")
+            return ERRNO_FAULT
+
+    def _poll_oneoff(
+        self, caller: wasmtime.Caller, in_ptr: int, out_ptr: int, count: int, nevents: int
+    ) -> int:
+        try:
+            state: _RunState = self._local.state
+            if count <= 0 or count > _MAX_SUBSCRIPTIONS:
+                return ERRNO_INVAL
+            memory = caller.get("memory")
+            if not isinstance(memory, wasmtime.Memory):
+                return ERRNO_FAULT
+            base, length = wasmtime_ext.memory_span(caller, memory)
+            if (
+                in_ptr + count * _SUBSCRIPTION_SIZE > length
+                or out_ptr + count * _EVENT_SIZE > length
+                or nevents + 4 > length
+            ):
+                return ERRNO_FAULT
+            raw = ctypes.string_at(base + in_ptr, count * _SUBSCRIPTION_SIZE)
+            events, wake_at = _poll(raw, count)
+            if not events:
+                now = time.monotonic()
+                if wake_at > state.deadline:
+                    time.sleep(max(0.0, state.deadline - now))
+                    state.fault = GuestTimeout("guest exceeded its deadline while sleeping")
+                    wasmtime_ext.stop_guest(caller)
+                    return ERRNO_SUCCESS
+                time.sleep(max(0.0, wake_at - now))
+                events, _ = _poll(raw, count, clocks_due=True)
+            out = b"".join(events)
+            ctypes.memmove(base + out_ptr, out, len(out))
+            ctypes.memmove(base + nevents, len(events).to_bytes(4, "little"), 4)
+            return ERRNO_SUCCESS
+        except Exception:
+            log.exception("poll_oneoff failed")
+            return ERRNO_FAULT
+
+
+def _poll(raw: bytes, count: int, *, clocks_due: bool = False) -> tuple[list[bytes], float]:
+    """Events ready now, and the monotonic time the earliest clock fires.
+
+    stdin is fully buffered and stdout/stderr never block, so fd subscriptions are ready at
+    once; only clocks wait.
+    """
+    events: list[bytes] = []
+    wake_at = math.inf
+    now_monotonic = time.monotonic()
+    now_realtime = time.time()
+    clocks: list[tuple[int, float]] = []
+    for index in range(count):
+        offset = index * _SUBSCRIPTION_SIZE
+        userdata, tag = _SUBSCRIPTION_HEAD.unpack_from(raw, offset)
+        if tag == _EVENTTYPE_CLOCK:
+            clock_id, timeout_ns, _precision, flags = _SUBSCRIPTION_CLOCK.unpack_from(
+                raw, offset + 16
+            )
+            seconds = timeout_ns / 1e9
+            if flags & _SUBCLOCKFLAG_ABSTIME:
+                now = now_realtime if clock_id == _CLOCK_REALTIME else now_monotonic
+                seconds -= now
+            fires_at = now_monotonic + max(0.0, seconds)
+            clocks.append((userdata, fires_at))
+            wake_at = min(wake_at, fires_at)
+        elif tag in (1, 2):  # fd_read, fd_write
+            events.append(_EVENT.pack(userdata, ERRNO_SUCCESS, tag, 0, 0))
+        else:
+            events.append(_EVENT.pack(userdata, ERRNO_INVAL, tag, 0, 0))
+    if clocks_due or (clocks and wake_at <= now_monotonic):
+        events.extend(
+            _EVENT.pack(userdata, ERRNO_SUCCESS, _EVENTTYPE_CLOCK, 0, 0)
+            for userdata, fires_at in clocks
+            if fires_at <= wake_at
+        )
+    return events, wake_at
+
+
+def _append_stderr(state: _RunState, data: bytes) -> None:
+    room = state.max_stderr - len(state.stderr)
+    if len(data) > room:
+        state.stderr_truncated = True
+        data = data[: max(0, room)]
+    state.stderr += data
+
+
+def _wasi_config(
+    argv: Sequence[str], env: Mapping[str, str], stdin: bytes, volumes: Iterable[Volume]
+) -> wasmtime.WasiConfig:
+    wasi = wasmtime.WasiConfig()
+    wasi.argv = list(argv)
+    wasi.env = list(env.items())
+    if stdin:
+        wasmtime_ext.set_stdin_bytes(wasi, stdin)
+    for volume in volumes:
+        wasi.preopen_dir(volume.host_dir, volume.guest_path, fs_mutable=False)
+    return wasi
+
+
+def _call_export(
+    store: wasmtime.Store, instance: wasmtime.Instance, entrypoint: str, limits: GuestLimits
+) -> tuple[GuestError | None, int]:
+    exports = instance.exports(store)
+    function = exports.get(entrypoint)
+    memory = exports.get("memory")
+    error: GuestError | None = None
+    if not isinstance(function, wasmtime.Func):
+        error = GuestTrap(f"module has no exported function {entrypoint!r}")
+    else:
+        try:
+            function(store)
+        except ExitTrap as exc:
+            if exc.code != 0:
+                error = GuestTrap(f"guest exited with code {exc.code}")
+        except Trap as exc:
+            error = _trap_error(exc, store, memory, limits)
+        except WasmtimeError as exc:
+            error = GuestTrap(f"guest failed: {_first_line(exc)}")
+    memory_bytes = memory.data_len(store) if isinstance(memory, wasmtime.Memory) else 0
+    return error, memory_bytes
+
+
+def _trap_error(
+    exc: Trap, store: wasmtime.Store, memory: object, limits: GuestLimits
+) -> GuestError:
+    code = exc.trap_code
+    if code == TrapCode.OUT_OF_FUEL:
+        return GuestFuelExhausted(f"guest ran out of fuel ({limits.fuel} units)")
+    if code == TrapCode.INTERRUPT:
+        return GuestTimeout(f"guest exceeded its deadline of {limits.timeout_ms} ms")
+    # wasmtime refuses memory.grow past the limit with -1, not a trap; the guest then aborts.
+    # A guest whose memory is within a page of the limit when it traps ran out of memory.
+    if (
+        isinstance(memory, wasmtime.Memory)
+        and memory.data_len(store) + WASM_PAGE > limits.memory_bytes
+    ):
+        return GuestMemoryExhausted(
+            f"guest reached its memory limit ({limits.memory_bytes} bytes) and trapped"
+        )
+    name = code.name.lower() if code is not None else "unknown"
+    return GuestTrap(f"guest trapped: {name}")
+
+
+def _instantiation_error(exc: Exception, limits: GuestLimits) -> GuestError:
+    message = _first_line(exc)
+    if "memory" in message and "limit" in message:
+        return GuestMemoryExhausted(
+            f"guest's initial memory exceeds the limit of {limits.memory_bytes} bytes"
+        )
+    if isinstance(exc, Trap) and exc.trap_code == TrapCode.OUT_OF_FUEL:
+        return GuestFuelExhausted(f"guest ran out of fuel ({limits.fuel} units) while starting")
+    return GuestTrap(f"guest failed to start: {message}")
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__

@@ -1,0 +1,420 @@
+"""The tenant registry: for each tenant, its policy, its routes and its prepared modules.
+
+A tenant is served when `policies/<name>.toml` validates; its routes come from
+`tenants/<name>/modules.toml` (WAGI format) plus each module's `_routes`. The registry's whole
+state is one immutable `RegistryState`, swapped in a single assignment, so a request reads a
+consistent view without locks.
+
+Reload is incremental and never loses service: every tenant's inputs (its policy, the defaults,
+its modules.toml and module files) are fingerprinted by `stat`; a tenant is rebuilt only when
+its fingerprint changes, and a tenant that fails to rebuild keeps its last good state while the
+error is reported with file, key and reason. One broken tenant never stops the others.
+
+Everything but `watch` blocks (file I/O, compiling): call it from a worker thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+
+import trio
+
+from . import policies
+from .admission import TenantLimits
+from .errors import ConfigError, ModuleRejected, SupervisorError
+from .modules import ArtifactCache, CompiledModule, to_binary
+from .policies import Policy
+from .routing import (
+    Route,
+    RouteError,
+    RouteTable,
+    join_route,
+    parse_routes_output,
+    validate_pattern,
+)
+from .sandbox import GuestLimits, PreparedModule, Sandbox, Volume
+from .wasm_binary import disallowed_imports, inspect
+
+log = logging.getLogger("supervisor.tenants")
+
+MODULES_FILE = "modules.toml"
+ROUTES_EXPORT = "_routes"
+DEFAULT_ENTRYPOINT = "_start"
+WATCH_INTERVAL_S = 1.0
+"""How often files are checked for changes; pods sharing a folder see uploads within this."""
+
+_MODULE_KEYS = frozenset({"route", "module", "entrypoint", "argv", "volumes"})
+_REFUSED_IMPORT_HINTS = {
+    "wasi_experimental_http": "outbound HTTP (wasi_experimental_http) is not offered",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ModuleSpec:
+    """One `[[module]]` entry of modules.toml, validated."""
+
+    route: str
+    module: str
+    entrypoint: str = DEFAULT_ENTRYPOINT
+    argv: str | None = None
+    volumes: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class RouteTarget:
+    """What a matched route runs."""
+
+    module_name: str
+    sha256: str
+    prepared: PreparedModule
+    entrypoint: str
+    argv_template: str | None
+    volumes: tuple[Volume, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Tenant:
+    """Everything the request path needs of one tenant, computed once per (re)load."""
+
+    name: str
+    policy: Policy
+    routes: RouteTable[RouteTarget]
+    guest_limits: GuestLimits
+    admission_limits: TenantLimits
+    modules: Mapping[str, CompiledModule]  # module path as written -> compiled module
+
+
+@dataclass(frozen=True)
+class RegistryState:
+    tenants: Mapping[str, Tenant]
+    exact_hosts: Mapping[str, str]  # host -> tenant
+    wildcard_hosts: tuple[tuple[str, str], ...]  # (".suffix", tenant), longest suffix first
+    errors: Mapping[str, str]  # file or tenant -> message of the last failed load
+
+    def tenant_for_host(self, host: str) -> Tenant | None:
+        """The tenant whose policy lists `host` (already lower-cased, no port)."""
+        name = self.exact_hosts.get(host)
+        if name is None:
+            for suffix, tenant in self.wildcard_hosts:
+                if host.endswith(suffix):
+                    name = tenant
+                    break
+            else:
+                return None
+        return self.tenants.get(name)
+
+
+EMPTY_STATE = RegistryState(MappingProxyType({}), MappingProxyType({}), (), MappingProxyType({}))
+
+
+def parse_modules_toml(data: Mapping, *, source: str) -> list[ModuleSpec]:
+    """Validate a parsed modules.toml strictly (unknown keys are errors, unlike WAGI)."""
+    unknown = set(data) - {"module"}
+    if unknown:
+        raise ConfigError(source, sorted(unknown)[0], "unknown key (expected [[module]] tables)")
+    entries = data.get("module", [])
+    if not isinstance(entries, list):
+        raise ConfigError(source, "module", "must be an array of tables ([[module]])")
+    specs = []
+    for index, entry in enumerate(entries):
+        where = f"module[{index}]"
+        if not isinstance(entry, Mapping):
+            raise ConfigError(source, where, "must be a table")
+        for key in entry:
+            if key not in _MODULE_KEYS:
+                raise ConfigError(
+                    source,
+                    f"{where}.{key}",
+                    f"unknown key (known: {', '.join(sorted(_MODULE_KEYS))})",
+                )
+        for key in ("route", "module"):
+            if not isinstance(entry.get(key), str) or not entry[key]:
+                raise ConfigError(source, f"{where}.{key}", "required, a non-empty string")
+        for key in ("entrypoint", "argv"):
+            if key in entry and not isinstance(entry[key], str):
+                raise ConfigError(source, f"{where}.{key}", "must be a string")
+        try:
+            validate_pattern(entry["route"])
+        except RouteError as exc:
+            raise ConfigError(source, f"{where}.route", str(exc)) from exc
+        volumes = policies.parse_volumes(source, entry.get("volumes", {}))
+        specs.append(
+            ModuleSpec(
+                route=entry["route"],
+                module=entry["module"],
+                entrypoint=entry.get("entrypoint", DEFAULT_ENTRYPOINT),
+                argv=entry.get("argv"),
+                volumes=volumes,
+            )
+        )
+    return specs
+
+
+class TenantRegistry:
+    """Loads tenants from two folders and keeps `state` current; reads are lock-free."""
+
+    def __init__(
+        self, tenants_dir: Path, policies_dir: Path, sandbox: Sandbox, cache: ArtifactCache
+    ) -> None:
+        self.tenants_dir = tenants_dir
+        self.policies_dir = policies_dir
+        self.sandbox = sandbox
+        self.cache = cache
+        self.state: RegistryState = EMPTY_STATE
+        self.reload_errors = 0  # failed loads since start (a counter for metrics)
+        self._fingerprints: dict[str, tuple] = {}
+        self._prepared: dict[str, PreparedModule] = {}  # sha256 -> linked module
+        self._routes_output: dict[str, list[tuple[str, str]]] = {}  # sha256 -> `_routes`
+        self._file_digests: dict[tuple, CompiledModule] = {}  # (path, stat) -> compiled
+        self._lock = threading.Lock()
+
+    def reload(self, *, force: bool = False) -> RegistryState:
+        """Rebuild every tenant whose inputs changed (all of them with `force`). Blocking."""
+        with self._lock:
+            return self._reload(force)
+
+    async def watch(self, interval_s: float = WATCH_INTERVAL_S) -> None:
+        """Poll for changed files forever (cancel to stop)."""
+        while True:
+            await trio.sleep(interval_s)
+            try:
+                await trio.to_thread.run_sync(self.reload)
+            except Exception:
+                log.exception("tenant reload failed")
+
+    def _reload(self, force: bool) -> RegistryState:
+        old = self.state
+        policy_set = policies.load_policy_dir(self.policies_dir)
+        errors: dict[str, str] = {name: error.message for name, error in policy_set.errors.items()}
+        defaults_broken = policies.DEFAULTS_FILE in policy_set.errors
+        tenants: dict[str, Tenant] = {}
+        fingerprints: dict[str, tuple] = {}
+        names = set(policy_set.policies) | {
+            name for name in old.tenants if f"{name}.toml" in policy_set.errors
+        }
+        for name in sorted(names):
+            policy = policy_set.policies.get(name)
+            previous = old.tenants.get(name)
+            if policy is None or (defaults_broken and previous is not None):
+                # A broken policy file (or broken defaults) keeps the last good tenant.
+                if previous is not None:
+                    tenants[name] = previous
+                    fingerprints[name] = self._fingerprints.get(name, ())
+                continue
+            if (
+                not force
+                and previous is not None
+                and previous.policy == policy
+                and self._fingerprints.get(name) == self._fingerprint(name, previous.modules)
+            ):
+                tenants[name] = previous
+                fingerprints[name] = self._fingerprints[name]
+                continue
+            try:
+                tenant = self._load_tenant(name, policy)
+                tenants[name] = tenant
+                fingerprints[name] = self._fingerprint(name, tenant.modules)
+            except SupervisorError as exc:
+                errors[name] = exc.message
+                if previous is not None:
+                    tenants[name] = previous
+                    fingerprints[name] = self._fingerprints.get(name, ())
+        for name, message in errors.items():
+            if old.errors.get(name) != message:
+                self.reload_errors += 1
+                log.error("configuration error, last good state kept: %s", message)
+        exact, wildcard = self._host_maps(tenants, errors)
+        self._fingerprints = fingerprints
+        self.state = RegistryState(
+            MappingProxyType(tenants),
+            MappingProxyType(exact),
+            tuple(wildcard),
+            MappingProxyType(errors),
+        )
+        return self.state
+
+    def _fingerprint(self, name: str, modules: Iterable[str]) -> tuple:
+        """`stat` of every file a tenant's state is built from; equal means nothing changed."""
+        tenant_dir = self.tenants_dir / name
+        paths = [
+            self.policies_dir / policies.DEFAULTS_FILE,
+            self.policies_dir / f"{name}.toml",
+            tenant_dir / MODULES_FILE,
+            *(tenant_dir / module for module in modules),
+        ]
+        return tuple(_stat_key(path) for path in paths)
+
+    def _load_tenant(self, name: str, policy: Policy) -> Tenant:
+        tenant_dir = self.tenants_dir / name
+        modules_file = tenant_dir / MODULES_FILE
+        specs = (
+            parse_modules_toml(policies.read_toml(modules_file), source=str(modules_file))
+            if modules_file.exists()
+            else []
+        )
+        guest_limits = GuestLimits(
+            fuel=policy.fuel_per_request,
+            memory_bytes=policy.memory_bytes,
+            timeout_ms=policy.timeout_ms,
+            max_stdout_bytes=policy.max_response_bytes,
+        )
+        policy_volumes = _resolve_volumes(tenant_dir, policy.volumes, source=f"{name} policy")
+        compiled: dict[str, CompiledModule] = {}
+        routes: list[Route[RouteTarget]] = []
+        for index, spec in enumerate(specs):
+            source = f"{modules_file}: module[{index}]"
+            module = compiled.get(spec.module)
+            if module is None:
+                module = self._compile(tenant_dir, spec.module, policy, source=source)
+                compiled[spec.module] = module
+            prepared = self._prepare(module, source=source)
+            _check_entrypoint(prepared, spec.entrypoint, source=source)
+            volumes = policy_volumes + _resolve_volumes(tenant_dir, spec.volumes, source=source)
+            target = RouteTarget(
+                spec.module, module.sha256, prepared, spec.entrypoint, spec.argv, volumes
+            )
+            routes.append(Route(spec.route, target))
+            for pattern, export in self._routes_of(module, prepared, guest_limits, source):
+                _check_entrypoint(prepared, export, source=f"{source} `_routes`")
+                sub_target = RouteTarget(
+                    spec.module, module.sha256, prepared, export, spec.argv, volumes
+                )
+                try:
+                    routes.append(Route(join_route(spec.route, pattern), sub_target))
+                except RouteError as exc:
+                    raise ConfigError(source, "_routes", str(exc)) from exc
+        return Tenant(
+            name=name,
+            policy=policy,
+            routes=RouteTable(routes),
+            guest_limits=guest_limits,
+            admission_limits=TenantLimits(
+                policy.max_concurrency, policy.max_queue, policy.queue_timeout_ms
+            ),
+            modules=MappingProxyType(compiled),
+        )
+
+    def _compile(self, tenant_dir: Path, relative: str, policy: Policy, *, source: str):
+        path = (tenant_dir / relative).resolve()
+        if not path.is_relative_to(tenant_dir.resolve()):
+            raise ConfigError(source, "module", "must be a file inside the tenant's folder")
+        key = (str(path), _stat_key(path))
+        cached = self._file_digests.get(key)
+        if cached is not None:
+            return cached
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(source, "module", f"cannot read {relative}: {exc.strerror}") from exc
+        if len(raw) > policy.max_module_bytes:
+            raise ConfigError(
+                source, "module", f"{relative} is larger than max_module_bytes ({len(raw)} bytes)"
+            )
+        try:
+            binary = to_binary(raw, name=relative)
+            check_module_binary(binary, name=relative, memory_limit=policy.memory_bytes)
+            compiled = self.cache.load(binary, name=relative)
+        except ModuleRejected as exc:
+            raise ConfigError(source, "module", exc.message) from exc
+        self._file_digests[key] = compiled
+        return compiled
+
+    def _prepare(self, module: CompiledModule, *, source: str) -> PreparedModule:
+        prepared = self._prepared.get(module.sha256)
+        if prepared is None:
+            try:
+                prepared = self.sandbox.prepare(module.module)
+            except Exception as exc:
+                raise ConfigError(source, "module", f"cannot be linked: {exc}") from exc
+            self._prepared[module.sha256] = prepared
+        return prepared
+
+    def _routes_of(
+        self,
+        module: CompiledModule,
+        prepared: PreparedModule,
+        limits: GuestLimits,
+        source: str,
+    ) -> list[tuple[str, str]]:
+        """Call the module's `_routes` export once per content (no args, env or stdin)."""
+        if ROUTES_EXPORT not in prepared.exports:
+            return []
+        cached = self._routes_output.get(module.sha256)
+        if cached is not None:
+            return cached
+        run = self.sandbox.run(prepared, ROUTES_EXPORT, argv=[], env={}, stdin=b"", limits=limits)
+        if run.error is not None:
+            raise ConfigError(source, "_routes", f"failed: {run.error.message}")
+        try:
+            entries = parse_routes_output(run.stdout.decode("utf-8", errors="replace"))
+        except RouteError as exc:
+            raise ConfigError(source, "_routes", str(exc)) from exc
+        self._routes_output[module.sha256] = entries
+        return entries
+
+    @staticmethod
+    def _host_maps(
+        tenants: Mapping[str, Tenant], errors: dict[str, str]
+    ) -> tuple[dict[str, str], list[tuple[str, str]]]:
+        """Host -> tenant; a host claimed twice goes to the first tenant by name, reported."""
+        exact: dict[str, str] = {}
+        wildcard: dict[str, str] = {}
+        for name in sorted(tenants):
+            for host in tenants[name].policy.hosts:
+                table, key = (wildcard, host[1:]) if host.startswith("*.") else (exact, host)
+                owner = table.setdefault(key, name)
+                if owner != name:
+                    errors[f"{name}.hosts"] = (
+                        f"{name}: hosts: {host!r} is already served by tenant {owner!r}"
+                    )
+        ordered = sorted(wildcard.items(), key=lambda item: -len(item[0]))
+        return exact, ordered
+
+
+def check_module_binary(binary: bytes, *, name: str, memory_limit: int) -> None:
+    """Refuse, before compiling, a module that could never run here (raises ModuleRejected)."""
+    info = inspect(binary)
+    refused = disallowed_imports(info)
+    if refused:
+        first = refused[0]
+        hint = _REFUSED_IMPORT_HINTS.get(first.module, "only wasi_snapshot_preview1 is offered")
+        raise ModuleRejected(f"{name}: imports {first.module}.{first.name} ({first.kind}); {hint}")
+    if info.initial_memory_bytes is not None and info.initial_memory_bytes > memory_limit:
+        raise ModuleRejected(
+            f"{name}: initial memory of {info.initial_memory_bytes} bytes exceeds the tenant's "
+            f"memory_bytes ({memory_limit})"
+        )
+
+
+def _check_entrypoint(prepared: PreparedModule, entrypoint: str, *, source: str) -> None:
+    if entrypoint not in prepared.exports:
+        raise ConfigError(source, "entrypoint", f"the module exports no {entrypoint!r}")
+
+
+def _resolve_volumes(
+    tenant_dir: Path, volumes: Mapping[str, str], *, source: str
+) -> tuple[Volume, ...]:
+    resolved = []
+    root = tenant_dir.resolve()
+    for guest_path, folder in volumes.items():
+        host = (tenant_dir / folder).resolve()
+        if not host.is_relative_to(root) or not host.is_dir():
+            raise ConfigError(
+                source, f"volumes.{guest_path}", f"{folder!r} is not a folder inside {tenant_dir}"
+            )
+        resolved.append(Volume(str(host), guest_path))
+    return tuple(resolved)
+
+
+def _stat_key(path: Path) -> tuple:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return (str(path), None)
+    return (str(path), stat.st_mtime_ns, stat.st_size, stat.st_ino)
