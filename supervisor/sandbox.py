@@ -190,7 +190,7 @@ class Sandbox:
             except (Trap, WasmtimeError) as exc:
                 error = _instantiation_error(exc, limits)
             else:
-                error, memory_bytes = _call_export(store, instance, entrypoint, limits)
+                error, memory_bytes = _call_export(store, instance, entrypoint.encode(), limits)
             fuel_used = limits.fuel - store.get_fuel()
         finally:
             self._local.state = None
@@ -347,8 +347,12 @@ def _wasi_config(
     argv: Sequence[str], env: Mapping[str, str], stdin: bytes, volumes: Iterable[Volume]
 ) -> wasmtime.WasiConfig:
     wasi = wasmtime.WasiConfig()
-    wasi.argv = list(argv)
-    wasi.env = list(env.items())
+    wasmtime_ext.set_argv_env(
+        wasi,
+        [arg.encode() for arg in argv],
+        [name.encode() for name in env],
+        [value.encode() for value in env.values()],
+    )
     if stdin:
         wasmtime_ext.set_stdin_bytes(wasi, stdin)
     for volume in volumes:
@@ -357,31 +361,24 @@ def _wasi_config(
 
 
 def _call_export(
-    store: wasmtime.Store, instance: wasmtime.Instance, entrypoint: str, limits: GuestLimits
+    store: wasmtime.Store, instance: wasmtime.Instance, entrypoint: bytes, limits: GuestLimits
 ) -> tuple[GuestError | None, int]:
-    exports = instance.exports(store)
-    function = exports.get(entrypoint)
-    memory = exports.get("memory")
-    error: GuestError | None = None
-    if not isinstance(function, wasmtime.Func):
-        error = GuestTrap(f"module has no exported function {entrypoint!r}")
+    failure = wasmtime_ext.call_export(store, instance, entrypoint)
+    memory_bytes = wasmtime_ext.memory_size(store, instance)
+    if failure is None:
+        return None, memory_bytes
+    if isinstance(failure, ExitTrap):
+        error = GuestTrap(f"guest exited with code {failure.code}") if failure.code else None
+    elif isinstance(failure, Trap):
+        error = _trap_error(failure, memory_bytes, limits)
+    elif isinstance(failure, wasmtime_ext.NoSuchFunction):
+        error = GuestTrap(f"module has no exported function {str(failure)!r}")
     else:
-        try:
-            function(store)
-        except ExitTrap as exc:
-            if exc.code != 0:
-                error = GuestTrap(f"guest exited with code {exc.code}")
-        except Trap as exc:
-            error = _trap_error(exc, store, memory, limits)
-        except WasmtimeError as exc:
-            error = GuestTrap(f"guest failed: {_first_line(exc)}")
-    memory_bytes = memory.data_len(store) if isinstance(memory, wasmtime.Memory) else 0
+        error = GuestTrap(f"guest failed: {_first_line(failure)}")
     return error, memory_bytes
 
 
-def _trap_error(
-    exc: Trap, store: wasmtime.Store, memory: object, limits: GuestLimits
-) -> GuestError:
+def _trap_error(exc: Trap, memory_bytes: int, limits: GuestLimits) -> GuestError:
     code = exc.trap_code
     if code == TrapCode.OUT_OF_FUEL:
         return GuestFuelExhausted(f"guest ran out of fuel ({limits.fuel} units)")
@@ -389,10 +386,7 @@ def _trap_error(
         return GuestTimeout(f"guest exceeded its deadline of {limits.timeout_ms} ms")
     # wasmtime refuses memory.grow past the limit with -1, not a trap; the guest then aborts.
     # A guest whose memory is within a page of the limit when it traps ran out of memory.
-    if (
-        isinstance(memory, wasmtime.Memory)
-        and memory.data_len(store) + WASM_PAGE > limits.memory_bytes
-    ):
+    if memory_bytes + WASM_PAGE > limits.memory_bytes:
         return GuestMemoryExhausted(
             f"guest reached its memory limit ({limits.memory_bytes} bytes) and trapped"
         )

@@ -28,8 +28,9 @@ Timeouts (all on trio's clock, so tests drive them with a mock clock):
 
 A body the handler leaves unread (or stops reading at `BodyTooLarge`) is read and dropped
 after the response when at most `DISCARD_BODY_BYTES` of it remain, and the connection stays
-open. A larger rest, a client still waiting for a `100 Continue` it was never sent, or a broken
-or late body make the response carry `Connection: close`.
+open. A larger Content-Length rest, a client still waiting for a `100 Continue` it was never
+sent, or a broken or late body make the response carry `Connection: close`; a chunked rest
+found larger while dropping it closes the connection after the response.
 
 Resource handling: every connection's socket is closed in a `finally`; the listeners are
 closed when `serve` stops accepting. At most `max_connections` sockets are open at once: past
@@ -174,14 +175,13 @@ class RequestBody:
     `100 Continue` goes out only when `read` is called.
     """
 
-    __slots__ = ("_conn", "_content_length", "_state", "received")
-
-    _UNREAD, _READING, _DONE, _FAILED = range(4)
+    __slots__ = ("_conn", "_content_length", "_failed", "_read", "received")
 
     def __init__(self, conn: _Connection, content_length: int | None) -> None:
         self._conn = conn
         self._content_length = content_length  # None: chunked
-        self._state = RequestBody._UNREAD
+        self._read = False
+        self._failed = False  # broken or late: the connection cannot be reused
         self.received = 0
 
     async def read(self, limit: int) -> bytes:
@@ -191,12 +191,11 @@ class RequestBody:
         over it, before reading), `RequestTimeout` when the body takes longer than
         `body_timeout_s`, `BadRequest` when its framing is broken or the client went away.
         """
-        if self._state != RequestBody._UNREAD:
+        if self._read:
             raise RuntimeError("a request body can be read only once")
+        self._read = True
         if self._content_length == 0:
-            self._state = RequestBody._DONE
             return b""
-        self._state = RequestBody._READING
         if self._content_length is not None and self._content_length > limit:
             raise BodyTooLarge(f"request body over {limit} bytes")
         conn = self._conn
@@ -215,22 +214,21 @@ class RequestBody:
                         raise BodyTooLarge(f"request body over {limit} bytes")
                     chunks.append(event.data)
                 elif type(event) is h11.EndOfMessage:
-                    self._state = RequestBody._DONE
                     return b"".join(chunks)
                 elif not await conn.receive(deadline):
-                    self._state = RequestBody._FAILED
+                    self._failed = True
                     raise RequestTimeout("request body not received in time")
         except h11.RemoteProtocolError as exc:
-            self._state = RequestBody._FAILED
+            self._failed = True
             raise BadRequest(f"bad request body: {exc}") from exc
         except trio.BrokenResourceError as exc:
-            self._state = RequestBody._FAILED
+            self._failed = True
             raise BadRequest("client went away while sending the body") from exc
 
     def _discardable(self) -> bool:
         """Whether the unread rest of the body is worth reading to keep the connection."""
         h11_conn = self._conn.h11
-        if self._state == RequestBody._FAILED or h11_conn.their_state is not h11.SEND_BODY:
+        if self._failed or h11_conn.their_state is not h11.SEND_BODY:
             return False
         if h11_conn.they_are_waiting_for_100_continue:
             return False  # the body may never come: it waits for a 100 we did not send
@@ -303,8 +301,8 @@ class _Server:
         self.closing = True
         for conn in self.idle:
             conn.scope.cancel()
-        open_ = self.config.max_connections - self.slots.value
-        log.info("shutting down: %d connection(s) open, %d idle", open_, len(self.idle))
+        open_count = self.config.max_connections - self.slots.value
+        log.info("shutting down: %d connection(s) open, %d idle", open_count, len(self.idle))
 
 
 class _Connection:
@@ -443,17 +441,17 @@ class _Connection:
         else:
             keep_alive = "keep-alive" in _tokens(connection)
         request = Request(
-            event.method.decode("ascii"),
-            target,
-            path,
-            query,
-            bool(has_query),
-            http_version,
-            headers,
-            host,
-            self.client_addr,
-            self.server_port,
-            self.server.new_request_id(),
+            method=event.method.decode("ascii"),
+            target=target,
+            path=path,
+            query=query,
+            has_query=bool(has_query),
+            http_version=http_version,
+            headers=headers,
+            host=host,
+            client_addr=self.client_addr,
+            server_port=self.server_port,
+            request_id=self.server.new_request_id(),
         )
         return request, RequestBody(self, content_length), keep_alive
 
@@ -603,7 +601,10 @@ def _error_response(status: int, message: str = "") -> Response:
 
 
 def _peer_ip(stream: trio.SocketStream) -> str:
-    peer = stream.socket.getpeername()
+    try:
+        peer = stream.socket.getpeername()
+    except OSError:  # already disconnected; its first read will say so
+        return ""
     return peer[0] if isinstance(peer, tuple) else str(peer)
 
 

@@ -43,3 +43,76 @@ def memory_span(caller: wasmtime.Caller, memory: wasmtime.Memory) -> tuple[int, 
     length = memory.data_len(caller)
     address = ctypes.cast(memory.data_ptr(caller), ctypes.c_void_p).value or 0
     return address, length
+
+
+_CHAR_ARRAY = ctypes.POINTER(ctypes.POINTER(ctypes.c_char))
+
+
+def _chars(data: bytes) -> ctypes._Pointer:
+    return ctypes.cast(ctypes.c_char_p(data), ctypes.POINTER(ctypes.c_char))
+
+
+_MEMORY_NAME = ctypes.create_string_buffer(b"memory")
+_EXTERN_FUNC = ffi.WASMTIME_EXTERN_FUNC.value
+_EXTERN_MEMORY = ffi.WASMTIME_EXTERN_MEMORY.value
+
+
+def set_argv_env(
+    config: wasmtime.WasiConfig, argv: list[bytes], names: list[bytes], values: list[bytes]
+) -> None:
+    """argv and environment in one array each: the public setters re-encode string by string."""
+    pointer = config.ptr()
+    ffi.wasi_config_set_argv(
+        pointer, len(argv), ctypes.cast((ctypes.c_char_p * len(argv))(*argv), _CHAR_ARRAY)
+    )
+    count = len(names)
+    ffi.wasi_config_set_env(
+        pointer,
+        count,
+        ctypes.cast((ctypes.c_char_p * count)(*names), _CHAR_ARRAY),
+        ctypes.cast((ctypes.c_char_p * count)(*values), _CHAR_ARRAY),
+    )
+
+
+class NoSuchFunction(Exception):
+    """The instance exports no function of that name."""
+
+
+def call_export(
+    store: wasmtime.Store, instance: wasmtime.Instance, name: bytes
+) -> Exception | None:
+    """Call an exported `() -> ()` function; return how it failed (Trap, ExitTrap,
+    WasmtimeError, NoSuchFunction) or None.
+
+    The public path builds every export of the instance and looks up the function's type on
+    each call. It also re-raises wasmtime-py's module-level "last host exception", which can
+    belong to another thread's request; our host functions never raise, so we skip it.
+    """
+    context = store._context()
+    item = ffi.wasmtime_extern_t()
+    found = ffi.wasmtime_instance_export_get(
+        context, ctypes.byref(instance._instance), _chars(name), len(name), ctypes.byref(item)
+    )
+    if not found or item.kind != _EXTERN_FUNC:
+        return NoSuchFunction(name.decode(errors="replace"))
+    trap = ctypes.POINTER(ffi.wasm_trap_t)()
+    error = ffi.wasmtime_func_call(
+        context, ctypes.byref(item.of.func), None, 0, None, 0, ctypes.byref(trap)
+    )
+    if error:
+        return wasmtime.WasmtimeError._from_ptr(error)
+    if trap:
+        return wasmtime.Trap._from_ptr(trap)
+    return None
+
+
+def memory_size(store: wasmtime.Store, instance: wasmtime.Instance) -> int:
+    """Bytes of the instance's exported `memory` (0 without one): its high-water mark."""
+    context = store._context()
+    item = ffi.wasmtime_extern_t()
+    found = ffi.wasmtime_instance_export_get(
+        context, ctypes.byref(instance._instance), _MEMORY_NAME, 6, ctypes.byref(item)
+    )
+    if not found or item.kind != _EXTERN_MEMORY:
+        return 0
+    return ffi.wasmtime_memory_data_size(context, ctypes.byref(item.of.memory))

@@ -1,0 +1,121 @@
+"""Shared fixtures: a real supervisor on 127.0.0.1 over temp folders, and an httpx client.
+
+`workspace` lays out tenants/, policies/ and a cache in a temp dir; `start_supervisor` runs the
+production assembly (`supervisor.app.run`) in the test's nursery and gives back a `Running`
+handle with the bound port and an `httpx.AsyncClient` pointed at it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import textwrap
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from supervisor import app
+
+REPO = Path(__file__).resolve().parent.parent
+GUESTS = REPO / "tests" / "guests"
+DEMO = REPO / "tenants" / "demo"
+
+
+@dataclass
+class Workspace:
+    root: Path
+    tenants: Path = field(init=False)
+    policies: Path = field(init=False)
+    cache: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.tenants = self.root / "tenants"
+        self.policies = self.root / "policies"
+        self.cache = self.root / "cache"
+        for folder in (self.tenants, self.policies, self.cache):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def add_tenant(
+        self,
+        name: str,
+        routes: dict[str, str | tuple[str, dict]] | None = None,
+        policy: str = "",
+    ) -> Path:
+        """Create a tenant: `routes` maps route -> guest file name (from tests/guests or the
+        demo), or -> (guest, extra modules.toml keys). `policy` is the policy file's TOML."""
+        folder = self.tenants / name
+        folder.mkdir(exist_ok=True)
+        self.write_policy(name, policy)
+        entries = []
+        for route, spec in (routes or {}).items():
+            guest, extra = (spec, {}) if isinstance(spec, str) else spec
+            source = GUESTS / guest if (GUESTS / guest).exists() else DEMO / guest
+            shutil.copyfile(source, folder / guest)
+            lines = [f'route = "{route}"', f'module = "{guest}"']
+            lines += [f"{key} = {_toml_value(value)}" for key, value in extra.items()]
+            entries.append("[[module]]\n" + "\n".join(lines))
+        (folder / "modules.toml").write_text("\n\n".join(entries) + "\n")
+        return folder
+
+    def write_policy(self, name: str, text: str) -> None:
+        (self.policies / f"{name}.toml").write_text(textwrap.dedent(text))
+
+    def config(self, **overrides: object) -> app.AppConfig:
+        base = app.AppConfig(
+            host="127.0.0.1",
+            port=0,
+            tenants_dir=self.tenants,
+            policies_dir=self.policies,
+            cache_dir=self.cache,
+            handle_signals=False,
+            watch_interval_s=0.05,
+        )
+        return replace(base, **overrides)
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f'"{k}" = {_toml_value(v)}' for k, v in value.items()) + " }"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return str(value)
+
+
+@dataclass
+class Running:
+    app: app.RunningApp
+    client: httpx.AsyncClient
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.app.port}"
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Workspace:
+    return Workspace(tmp_path)
+
+
+@pytest.fixture
+async def start_supervisor(
+    workspace: Workspace, nursery: trio.Nursery
+) -> AsyncIterator[Callable[..., object]]:
+    """`await start_supervisor(**AppConfig overrides)` -> Running; stopped at test end."""
+    clients: list[httpx.AsyncClient] = []
+    running_apps: list[app.RunningApp] = []
+
+    async def start(**overrides: object) -> Running:
+        running = await nursery.start(app.run, workspace.config(**overrides))
+        running_apps.append(running)
+        client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{running.port}", timeout=30)
+        clients.append(client)
+        return Running(running, client)
+
+    yield start
+    for client in clients:
+        await client.aclose()
+    for running in running_apps:
+        running.shutdown.set()
