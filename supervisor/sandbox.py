@@ -47,6 +47,9 @@ EPOCH_TICK_S = 0.005
 """How often the ticker advances the engine's epoch: the deadline's resolution."""
 
 WASM_PAGE = 65536
+MAX_MEMORY_BYTES = 4 << 30
+"""The largest guest memory (and policy `memory_bytes`): the pooling allocator's slot size."""
+DEFAULT_MAX_INSTANCES = 64
 WASI_MODULE = "wasi_snapshot_preview1"
 
 # WASI preview1 errno values used by the replaced functions.
@@ -126,12 +129,16 @@ class PreparedModule:
 class Sandbox:
     """The process-wide engine; `run` may be called from many threads at once."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, max_instances: int = DEFAULT_MAX_INSTANCES) -> None:
+        """`max_instances`: stores alive at once (the execution slots plus loading work)."""
         config = wasmtime.Config()
         config.consume_fuel = True
         config.epoch_interruption = True
         config.cranelift_opt_level = "speed"
-        self.settings = "consume_fuel,epoch_interruption,opt=speed"
+        wasmtime_ext.enable_pooling_allocator(
+            config, instances=max_instances, max_memory_bytes=MAX_MEMORY_BYTES
+        )
+        self.settings = "consume_fuel,epoch_interruption,opt=speed,pooling"
         """Names the engine's settings for the artifact cache: change it with the config."""
         self.engine = wasmtime.Engine(config)
         self._local = threading.local()
@@ -176,22 +183,34 @@ class Sandbox:
             max_stdout=limits.max_stdout_bytes,
             max_stderr=limits.max_stderr_bytes,
         )
-        store = wasmtime.Store(self.engine)
+        store = wasmtime_ext.GuestStore(self.engine)
         memory_bytes = 0
-        error: GuestError | None = None
         self._local.state = state
         try:
-            store.set_fuel(limits.fuel)
-            store.set_epoch_deadline(math.ceil(limits.timeout_ms / 1000 / EPOCH_TICK_S) + 1)
-            store.set_limits(memory_size=limits.memory_bytes)
-            store.set_wasi(_wasi_config(argv, env, stdin, volumes))
+            store.set_limits(
+                fuel=limits.fuel,
+                epoch_ticks=math.ceil(limits.timeout_ms / 1000 / EPOCH_TICK_S) + 1,
+                memory_bytes=limits.memory_bytes,
+            )
             try:
-                instance = prepared.instance_pre.instantiate(store)
-            except (Trap, WasmtimeError) as exc:
-                error = _instantiation_error(exc, limits)
+                store.set_wasi(
+                    [arg.encode() for arg in argv],
+                    [name.encode() for name in env],
+                    [value.encode() for value in env.values()],
+                    stdin,
+                    [(volume.host_dir.encode(), volume.guest_path.encode()) for volume in volumes],
+                )
+            except WasmtimeError as exc:
+                failure = exc
             else:
-                error, memory_bytes = _call_export(store, instance, entrypoint.encode(), limits)
-            fuel_used = limits.fuel - store.get_fuel()
+                failure = store.instantiate(prepared.instance_pre)
+            if failure is not None:
+                error = _instantiation_error(failure, limits)
+            else:
+                failure = store.call(entrypoint.encode())
+                memory_bytes = store.memory_size()
+                error = _call_error(failure, memory_bytes, limits)
+            fuel_used = limits.fuel - store.fuel_left()
         finally:
             self._local.state = None
             store.close()
@@ -211,30 +230,22 @@ class Sandbox:
         linker = wasmtime.Linker(self.engine)
         linker.define_wasi()
         linker.allow_shadowing = True
-        i32 = wasmtime.ValType.i32()
-        four_i32 = wasmtime.FuncType([i32, i32, i32, i32], [i32])
-        linker.define_func(WASI_MODULE, "fd_write", four_i32, self._fd_write, access_caller=True)
-        linker.define_func(
-            WASI_MODULE, "poll_oneoff", four_i32, self._poll_oneoff, access_caller=True
-        )
+        wasmtime_ext.define_host_function(linker, WASI_MODULE, "fd_write", 4, self._fd_write)
+        wasmtime_ext.define_host_function(linker, WASI_MODULE, "poll_oneoff", 4, self._poll_oneoff)
         linker.allow_shadowing = False
         return linker
 
     # Replaced WASI functions. They run on the guest's thread, so `self._local.state` is the
     # state of the request that called them. They must never raise.
 
-    def _fd_write(
-        self, caller: wasmtime.Caller, fd: int, iovs: int, iovs_len: int, nwritten: int
-    ) -> int:
+    def _fd_write(self, caller: int, args: Sequence[int]) -> int:
         try:
+            fd, iovs, iovs_len, nwritten = (arg & 0xFFFFFFFF for arg in args)
             state: _RunState = self._local.state
             if fd not in (1, 2):
                 return ERRNO_BADF
-            memory = caller.get("memory")
-            if not isinstance(memory, wasmtime.Memory):
-                return ERRNO_FAULT
-            base, length = wasmtime_ext.memory_span(caller, memory)
-            if iovs_len < 0 or iovs + 8 * iovs_len > length or nwritten + 4 > length:
+            base, length = wasmtime_ext.caller_memory(caller)
+            if iovs + 8 * iovs_len > length or nwritten + 4 > length:
                 return ERRNO_FAULT
             table = ctypes.string_at(base + iovs, 8 * iovs_len)
             total = 0
@@ -260,17 +271,13 @@ class Sandbox:
             log.exception("fd_write failed")
             return ERRNO_FAULT
 
-    def _poll_oneoff(
-        self, caller: wasmtime.Caller, in_ptr: int, out_ptr: int, count: int, nevents: int
-    ) -> int:
+    def _poll_oneoff(self, caller: int, args: Sequence[int]) -> int:
         try:
+            in_ptr, out_ptr, count, nevents = (arg & 0xFFFFFFFF for arg in args)
             state: _RunState = self._local.state
             if count <= 0 or count > _MAX_SUBSCRIPTIONS:
                 return ERRNO_INVAL
-            memory = caller.get("memory")
-            if not isinstance(memory, wasmtime.Memory):
-                return ERRNO_FAULT
-            base, length = wasmtime_ext.memory_span(caller, memory)
+            base, length = wasmtime_ext.caller_memory(caller)
             if (
                 in_ptr + count * _SUBSCRIPTION_SIZE > length
                 or out_ptr + count * _EVENT_SIZE > length
@@ -343,39 +350,18 @@ def _append_stderr(state: _RunState, data: bytes) -> None:
     state.stderr += data
 
 
-def _wasi_config(
-    argv: Sequence[str], env: Mapping[str, str], stdin: bytes, volumes: Iterable[Volume]
-) -> wasmtime.WasiConfig:
-    wasi = wasmtime.WasiConfig()
-    wasmtime_ext.set_argv_env(
-        wasi,
-        [arg.encode() for arg in argv],
-        [name.encode() for name in env],
-        [value.encode() for value in env.values()],
-    )
-    if stdin:
-        wasmtime_ext.set_stdin_bytes(wasi, stdin)
-    for volume in volumes:
-        wasi.preopen_dir(volume.host_dir, volume.guest_path, fs_mutable=False)
-    return wasi
-
-
-def _call_export(
-    store: wasmtime.Store, instance: wasmtime.Instance, entrypoint: bytes, limits: GuestLimits
-) -> tuple[GuestError | None, int]:
-    failure = wasmtime_ext.call_export(store, instance, entrypoint)
-    memory_bytes = wasmtime_ext.memory_size(store, instance)
+def _call_error(
+    failure: Exception | None, memory_bytes: int, limits: GuestLimits
+) -> GuestError | None:
     if failure is None:
-        return None, memory_bytes
+        return None
     if isinstance(failure, ExitTrap):
-        error = GuestTrap(f"guest exited with code {failure.code}") if failure.code else None
-    elif isinstance(failure, Trap):
-        error = _trap_error(failure, memory_bytes, limits)
-    elif isinstance(failure, wasmtime_ext.NoSuchFunction):
-        error = GuestTrap(f"module has no exported function {str(failure)!r}")
-    else:
-        error = GuestTrap(f"guest failed: {_first_line(failure)}")
-    return error, memory_bytes
+        return GuestTrap(f"guest exited with code {failure.code}") if failure.code else None
+    if isinstance(failure, Trap):
+        return _trap_error(failure, memory_bytes, limits)
+    if isinstance(failure, wasmtime_ext.NoSuchFunction):
+        return GuestTrap(f"module has no exported function {str(failure)!r}")
+    return GuestTrap(f"guest failed: {_first_line(failure)}")
 
 
 def _trap_error(exc: Trap, memory_bytes: int, limits: GuestLimits) -> GuestError:
