@@ -240,7 +240,7 @@ class Sandbox:
 
     def _fd_write(self, caller: int, args: Sequence[int]) -> int:
         try:
-            fd, iovs, iovs_len, nwritten = (arg & 0xFFFFFFFF for arg in args)
+            fd, iovs, iovs_len, nwritten = args
             state: _RunState = self._local.state
             if fd not in (1, 2):
                 return ERRNO_BADF
@@ -273,7 +273,7 @@ class Sandbox:
 
     def _poll_oneoff(self, caller: int, args: Sequence[int]) -> int:
         try:
-            in_ptr, out_ptr, count, nevents = (arg & 0xFFFFFFFF for arg in args)
+            in_ptr, out_ptr, count, nevents = args
             state: _RunState = self._local.state
             if count <= 0 or count > _MAX_SUBSCRIPTIONS:
                 return ERRNO_INVAL
