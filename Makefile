@@ -1,5 +1,5 @@
 # The two commands of the README: `make run` and `make test`. Both build `.venv` themselves.
-PYTHON ?= python3.11
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PORT   ?= 8080
