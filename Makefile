@@ -3,8 +3,14 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PORT   ?= 8080
+METRICS_PORT ?= 9464
+# promtool and prometheus from Debian's `prometheus` package, unpacked here (not installed as a
+# service): `make test` lints metrics and rules with promtool, bench/prometheus_scrape.py runs
+# prometheus.
+PROMETHEUS_DIR := .cache/prometheus
+PROMTOOL       := $(PROMETHEUS_DIR)/usr/bin/promtool
 
-.PHONY: run test lint format bench clean
+.PHONY: run test lint format bench bench-prometheus clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -12,9 +18,16 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
+$(PROMTOOL):
+	mkdir -p $(PROMETHEUS_DIR)
+	cd $(PROMETHEUS_DIR) && \
+		{ apt-get download prometheus || { apt-get update -qq && apt-get download prometheus; }; }
+	dpkg-deb -x $(PROMETHEUS_DIR)/prometheus_*.deb $(PROMETHEUS_DIR)
+	rm -f $(PROMETHEUS_DIR)/prometheus_*.deb
+
 run: $(VENV)/.installed
 	PORT=$(PORT) $(VENV)/bin/wasm-supervisor serve --listen 127.0.0.1:$(PORT) \
-		--tenants tenants --policies policies
+		--tenants tenants --policies policies --metrics-listen 127.0.0.1:$(METRICS_PORT)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
@@ -24,11 +37,14 @@ format: $(VENV)/.installed
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-test: lint
+test: lint $(PROMTOOL)
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.installed
 	$(PY) bench/run.py
+
+bench-prometheus: $(VENV)/.installed $(PROMTOOL)
+	$(PY) bench/prometheus_scrape.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -90,8 +90,17 @@ def server(
 def wrk(url: str, *, seconds: int, connections: int, cpus: str = LOAD_CPU) -> WrkResult:
     require("wrk", "wrk")
     output = subprocess.run(
-        ["taskset", "-c", cpus, "wrk", "--latency", "-t1", f"-c{connections}", f"-d{seconds}s",
-         url],
+        [
+            "taskset",
+            "-c",
+            cpus,
+            "wrk",
+            "--latency",
+            "-t1",
+            f"-c{connections}",
+            f"-d{seconds}s",
+            url,
+        ],
         check=True,
         capture_output=True,
         text=True,

@@ -16,16 +16,27 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import WrkResult, free_port, server, wrk  # noqa: E402
+from harness import WrkResult, free_port, server, wrk
 
 TARGET_RATIO = 0.40
 
 
 def supervisor_argv(port: int, cache: str) -> list[str]:
     return [
-        sys.executable, "-m", "supervisor.cli", "serve", "--listen", f"127.0.0.1:{port}",
-        "--tenants", "tenants", "--policies", "policies", "--cache", cache,
-        "--log-level", "warning",
+        sys.executable,
+        "-m",
+        "supervisor.cli",
+        "serve",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--tenants",
+        "tenants",
+        "--policies",
+        "policies",
+        "--cache",
+        cache,
+        "--log-level",
+        "warning",
     ]
 
 
@@ -48,12 +59,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as cache:
         for _ in range(args.rounds):
             port = free_port()
-            with server([sys.executable, "bench/peer_h11.py", str(port)],
-                        f"http://127.0.0.1:{port}/"):
+            with server(
+                [sys.executable, "bench/peer_h11.py", str(port)], f"http://127.0.0.1:{port}/"
+            ):
                 wrk(f"http://127.0.0.1:{port}/", seconds=2, connections=args.connections)
                 results["peer"].append(
-                    wrk(f"http://127.0.0.1:{port}/", seconds=args.seconds,
-                        connections=args.connections)
+                    wrk(
+                        f"http://127.0.0.1:{port}/",
+                        seconds=args.seconds,
+                        connections=args.connections,
+                    )
                 )
             port = free_port()
             url = f"http://127.0.0.1:{port}/demo/hello"
@@ -63,15 +78,19 @@ def main() -> None:
                     wrk(url, seconds=args.seconds, connections=args.connections)
                 )
     peer, ours = median(results["peer"]), median(results["supervisor"])
-    print(f"hello, {args.rounds} rounds x {args.seconds}s, wrk -t1 -c{args.connections}, "
-          "server on cpu 0, wrk on cpu 1 (medians)\n")
+    print(
+        f"hello, {args.rounds} rounds x {args.seconds}s, wrk -t1 -c{args.connections}, "
+        "server on cpu 0, wrk on cpu 1 (medians)\n"
+    )
     print("| server | req/s | p50 ms | p99 ms | errors |")
     print("|---|---:|---:|---:|---:|")
     print(peer.row("trio + h11, no guest (peer)"))
     print(ours.row("wasm-supervisor, demo /hello (1 worker)"))
     ratio = ours.requests_per_s / peer.requests_per_s
     verdict = "meets" if ratio >= TARGET_RATIO else "below"
-    print(f"\nthroughput ratio supervisor/peer: {ratio:.2f} ({verdict} the {TARGET_RATIO:.0%} target)")
+    print(
+        f"\nthroughput ratio supervisor/peer: {ratio:.2f} ({verdict} the {TARGET_RATIO:.0%} target)"
+    )
     print(f"p99 ratio supervisor/peer: {ours.p99_ms / peer.p99_ms:.2f}")
 
 

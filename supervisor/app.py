@@ -18,8 +18,12 @@ from pathlib import Path
 import trio
 
 from . import server
+from .admin import DEFAULT_COMPILE_THREADS, AdminApi
 from .admission import Admission
+from .auth import Authenticator
 from .gateway import Gateway
+from .guest_threads import GuestThreads
+from .metrics import Metrics
 from .modules import ArtifactCache
 from .sandbox import Sandbox
 from .tenants import WATCH_INTERVAL_S, TenantRegistry
@@ -29,6 +33,8 @@ log = logging.getLogger("supervisor.app")
 DEFAULT_SLOTS = 16
 """Guests running at once: threads help CPU-bound and sleeping guests, not short ones (GIL)."""
 DEFAULT_GLOBAL_QUEUE = 256
+LOADING_INSTANCES = 8
+"""Stores used outside request slots at once: `_routes` calls while tenants load."""
 
 
 def default_cache_dir() -> Path:
@@ -49,6 +55,11 @@ class AppConfig:
     watch_interval_s: float = WATCH_INTERVAL_S
     server: server.ServerConfig = field(default_factory=server.ServerConfig)
     handle_signals: bool = True
+    admin_token_sha256: str | None = None  # the operator's admin token, hashed (never the token)
+    compile_threads: int = DEFAULT_COMPILE_THREADS  # admin uploads compiled at once
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int | None = None  # None: no metrics listener (the CLI always opens one)
+    metrics_tenants: frozenset[str] = frozenset()  # tenants with their own metric label
 
 
 @dataclass
@@ -56,6 +67,7 @@ class RunningApp:
     """What `run` hands to `task_status.started`: enough for a caller (or a test) to drive it."""
 
     port: int
+    metrics_port: int | None  # the bound metrics port, None without a metrics listener
     registry: TenantRegistry
     admission: Admission
     shutdown: trio.Event
@@ -63,7 +75,7 @@ class RunningApp:
 
 async def run(config: AppConfig, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Serve until SIGTERM/SIGINT (or `shutdown` is set), then drain and return."""
-    with Sandbox() as sandbox:
+    with Sandbox(max_instances=2 * config.slots + LOADING_INSTANCES) as sandbox:
         cache = ArtifactCache(config.cache_dir, sandbox.engine, sandbox.settings)
         registry = TenantRegistry(config.tenants_dir, config.policies_dir, sandbox, cache)
         started = time.perf_counter()
@@ -78,14 +90,46 @@ async def run(config: AppConfig, *, task_status=trio.TASK_STATUS_IGNORED) -> Non
             len(state.errors),
         )
         admission = Admission(slots=config.slots, global_queue=config.global_queue)
-        gateway = Gateway(registry, sandbox, admission, trio.CapacityLimiter(config.slots))
+        guest_threads = GuestThreads(config.slots)
+        metrics = Metrics(admission, registry, tenants=config.metrics_tenants)
+        gateway = Gateway(registry, sandbox, admission, guest_threads, metrics)
+        authenticator = Authenticator(
+            config.admin_token_sha256,
+            lambda: ((name, tenant.policy) for name, tenant in registry.state.tenants.items()),
+        )
+        gateway.admin = AdminApi(
+            registry,
+            admission,
+            authenticator,
+            gateway.usage,
+            compile_threads=config.compile_threads,
+        ).handle
         listeners = await server.open_listeners(config.host, config.port)
         port = server.bound_port(listeners)
+        metrics_listeners = metrics_port = None
+        if config.metrics_port is not None:
+            metrics_listeners = await server.open_listeners(
+                config.metrics_host, config.metrics_port
+            )
+            metrics_port = server.bound_port(metrics_listeners)
         shutdown = trio.Event()
         async with trio.open_nursery() as nursery:
             if config.handle_signals:
                 nursery.start_soon(_handle_signals, registry, shutdown)
             nursery.start_soon(registry.watch, config.watch_interval_s)
+            if metrics_listeners is not None:
+                # Its own shutdown event, never set: /metrics keeps answering while the
+                # serving port drains, and stops with the nursery below.
+                await nursery.start(
+                    functools.partial(
+                        server.serve,
+                        metrics.handle,
+                        metrics_listeners,
+                        config.server,
+                        shutdown=trio.Event(),
+                    )
+                )
+                log.info("metrics on http://%s:%d/metrics", config.metrics_host, metrics_port)
             async with trio.open_nursery() as serving:
                 await serving.start(
                     functools.partial(
@@ -93,9 +137,11 @@ async def run(config: AppConfig, *, task_status=trio.TASK_STATUS_IGNORED) -> Non
                     )
                 )
                 log.info("serving on http://%s:%d", config.host, port)
-                task_status.started(RunningApp(port, registry, admission, shutdown))
+                task_status.started(RunningApp(port, metrics_port, registry, admission, shutdown))
             # `serve` returned: shutdown was asked and in-flight requests are drained.
             nursery.cancel_scope.cancel()
+        # Every guest has ended by now (a caller waits for its guest), so this joins at once.
+        guest_threads.close()
         log.info("stopped")
 
 

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import trio
 
-from . import __version__, app, policies, server
+from . import __version__, admin, app, client, metrics, policies, server
+from .auth import operator_token_sha256
 from .errors import ConfigError
 
 DEFAULT_PORT = 8080
@@ -66,6 +67,16 @@ def _listen_address(value: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
     return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _tenant_names(value: str) -> frozenset[str]:
+    """`a,b c`: commas or spaces between names; each must be a valid tenant name."""
+    names = frozenset(value.replace(",", " ").split())
+    try:
+        metrics.TenantLabels(names)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+    return names
 
 
 def _positive_int(value: str) -> int:
@@ -122,6 +133,38 @@ def build_parser() -> argparse.ArgumentParser:
                 "help": "seconds in-flight requests get to finish on SIGTERM",
             },
         ),
+        (
+            "metrics-listen",
+            {
+                "type": _listen_address,
+                "default": f"0.0.0.0:{metrics.DEFAULT_METRICS_PORT}",
+                "help": "HOST:PORT of /metrics (port 0: any free port)",
+            },
+        ),
+        (
+            "metrics-tenants",
+            {
+                "type": _tenant_names,
+                "default": "",
+                "help": "tenants with their own metric label, comma-separated; others: other",
+            },
+        ),
+        (
+            "admin-token-file",
+            {
+                "type": Path,
+                "default": None,
+                "help": "file holding the operator's admin token (else $SUPERVISOR_ADMIN_TOKEN)",
+            },
+        ),
+        (
+            "compile-threads",
+            {
+                "type": _positive_int,
+                "default": str(admin.DEFAULT_COMPILE_THREADS),
+                "help": "admin uploads compiled at once",
+            },
+        ),
         ("log-format", {"choices": ["text", "json"], "default": "text"}),
         ("log-level", {"default": "info"}),
     ]
@@ -136,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--policies", type=Path, default=Path(_env_default("policies", "policies") or "policies")
     )
+    client.add_commands(commands)
     return parser
 
 
@@ -143,14 +187,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return _serve(args)
+    if args.command in client.COMMANDS:
+        return client.run_command(args)
     return _policy_check(args.policies)
 
 
 def _serve(args: argparse.Namespace) -> int:
     configure_logging(args.log_format, args.log_level)
     host, port = args.listen
+    metrics_host, metrics_port = args.metrics_listen
     if args.cache.resolve().is_relative_to(args.tenants.resolve()):
         print("error: --cache must not be inside --tenants (tenants write there)", file=sys.stderr)
+        return 2
+    try:
+        admin_token_sha256 = operator_token_sha256(args.admin_token_file, os.environ)
+    except (OSError, ValueError) as exc:
+        print(f"error: admin token: {exc}", file=sys.stderr)
         return 2
     config = app.AppConfig(
         host=host,
@@ -161,6 +213,11 @@ def _serve(args: argparse.Namespace) -> int:
         slots=args.slots,
         global_queue=args.global_queue,
         server=server.ServerConfig(grace_period_s=args.grace_period),
+        metrics_host=metrics_host,
+        metrics_port=metrics_port,
+        metrics_tenants=args.metrics_tenants,
+        admin_token_sha256=admin_token_sha256,
+        compile_threads=args.compile_threads,
     )
     try:
         trio.run(app.run, config)

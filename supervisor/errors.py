@@ -8,7 +8,11 @@ The hierarchy is translated into a response once, at the gateway boundary:
     │   ├── BodyTooLarge            413
     │   ├── HeadTooLarge            431
     │   ├── RequestTimeout          408 body (or head) not received in time
-    │   └── BadRequest              400 malformed HTTP
+    │   ├── BadRequest              400 malformed HTTP, or an invalid admin API parameter
+    │   ├── Unauthorized            401 admin API: no bearer token, or an unknown one
+    │   ├── Forbidden               403 admin API: a valid token for another tenant
+    │   ├── MethodNotAllowed        405 admin API: the path exists, the method does not
+    │   └── Conflict                409 admin API: the change contradicts the stored state
     ├── Rejected                    admission said no (429 tenant / 503 pod), with Retry-After
     ├── GuestError                  the guest misbehaved (5xx)
     │   ├── GuestTrap               500 trap, proc_exit(n != 0), missing entrypoint
@@ -18,7 +22,8 @@ The hierarchy is translated into a response once, at the gateway boundary:
     │   ├── GuestOutputTooLarge     502 stdout over max_response_bytes
     │   └── GuestBadOutput          500/502 output that is not valid CGI
     ├── ModuleRejected              422 a module that cannot be served (named reason)
-    └── ConfigError                 a policy or modules.toml that failed validation
+    └── ConfigError                 a policy, modules.toml or manifest.json that failed validation
+        └── RouteConflict           409 two sources (modules.toml, named modules) claim a route
 
 Anything else raised while serving a request is a bug and answers 500 `internal`.
 """
@@ -81,6 +86,34 @@ class HeadTooLarge(ClientError):
 
 class RequestTimeout(ClientError):
     status = 408
+
+
+class Unauthorized(ClientError):
+    """No bearer token, or one that matches no credential (the answer carries a challenge)."""
+
+    status = 401
+
+
+class Forbidden(ClientError):
+    """A valid token asking for another tenant's resources."""
+
+    status = 403
+
+
+class MethodNotAllowed(ClientError):
+    """The admin path exists but not with this method; `allow` lists the ones it has."""
+
+    status = 405
+
+    def __init__(self, message: str, *, allow: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.allow = allow
+
+
+class Conflict(ClientError):
+    """The request contradicts the stored state: over `max_modules`, no version to roll back."""
+
+    status = 409
 
 
 class Rejected(SupervisorError):
@@ -147,3 +180,12 @@ class ConfigError(SupervisorError):
         self.source = source
         self.key = key
         self.reason = reason
+
+
+class RouteConflict(ConfigError):
+    """A route claimed by two owners (modules.toml and a named module, or two named modules).
+
+    At load time it keeps the tenant's last good state; at upload it refuses the upload (409).
+    """
+
+    status = 409

@@ -12,14 +12,15 @@ import logging
 import time
 from dataclasses import dataclass
 
-import trio
-
 from . import wagi
+from .admin import ADMIN_PREFIX, TenantUsage
 from .admission import Admission
 from .errors import GuestBadOutput, NotFound, Outcome, Rejected, SupervisorError
+from .guest_threads import GuestThreads
+from .metrics import Metrics
 from .routing import RouteMatch
 from .sandbox import GuestRun, Sandbox
-from .server import Request, RequestBody, Response
+from .server import Handler, Request, RequestBody, Response
 from .tenants import RouteTarget, Tenant, TenantRegistry
 
 access_log = logging.getLogger("supervisor.access")
@@ -46,25 +47,42 @@ class Gateway:
         registry: TenantRegistry,
         sandbox: Sandbox,
         admission: Admission,
-        guest_threads: trio.CapacityLimiter,
+        guest_threads: GuestThreads,
+        metrics: Metrics,
+        *,
+        admin: Handler | None = None,
     ) -> None:
         self.registry = registry
         self.sandbox = sandbox
         self.admission = admission
         self.guest_threads = guest_threads
+        self.metrics = metrics
+        self.admin = admin  # answers every path under ADMIN_PREFIX
+        self.usage: dict[str, TenantUsage] = {}  # by tenant, for the admin API
 
     async def handle(self, request: Request, body: RequestBody) -> Response:
-        started = time.perf_counter()
         if request.path == HEALTH_PATH:
             return Response(200, list(_TEXT), b"OK\n")
+        if self.admin is not None and request.path.startswith(ADMIN_PREFIX):
+            return await self.admin(request, body)
+        # In flight from here until the response is handed to the server, however it ends.
+        self.metrics.request_started()
+        try:
+            return await self._serve(request, body)
+        finally:
+            self.metrics.request_finished()
+
+    async def _serve(self, request: Request, body: RequestBody) -> Response:
+        started = time.perf_counter()
         tenant_name = route = "-"
-        fuel_used = 0
+        fuel_used = memory_bytes = 0
         try:
             resolved = self._resolve(request)
             tenant_name = resolved.tenant.name
             route = resolved.match.route.pattern
             run = await self._run(request, body, resolved)
             fuel_used = run.fuel_used
+            memory_bytes = run.memory_bytes
             response, outcome = respond(run)
         except SupervisorError as error:
             response, outcome = error_response(error), error.outcome
@@ -90,6 +108,20 @@ class Gateway:
                 "fuel_used": fuel_used,
             },
         )
+        self.metrics.observe_request(
+            tenant_name,
+            response.status,
+            outcome,
+            time.perf_counter() - started,
+            fuel_used,
+            memory_bytes,
+        )
+        if tenant_name != "-":
+            usage = self.usage.get(tenant_name)
+            if usage is None:
+                usage = self.usage[tenant_name] = TenantUsage()
+            usage.requests += 1
+            usage.fuel_used += fuel_used
         return response
 
     def _resolve(self, request: Request) -> _Resolved:
@@ -146,7 +178,7 @@ class Gateway:
             volumes=target.volumes,
         )
         async with self.admission.admit(tenant.name, tenant.admission_limits):
-            run = await trio.to_thread.run_sync(run_guest, limiter=self.guest_threads)
+            run = await self.guest_threads.run(run_guest)
         if run.stderr:
             _log_stderr(tenant.name, request.request_id, run)
         return run
@@ -154,9 +186,11 @@ class Gateway:
 
 def respond(run: GuestRun) -> tuple[Response, Outcome]:
     """The response to a finished guest run: its CGI output, or the error it ended in."""
+    if run.error is not None:
+        # Not raised: its traceback would hold this frame, hence `run` and its whole stdout,
+        # in a cycle (run -> error -> frame -> run) that only the cyclic GC frees.
+        return error_response(run.error), run.error.outcome
     try:
-        if run.error is not None:
-            raise run.error
         output = wagi.parse_output(run.stdout)
         if output.status < 200:
             raise GuestBadOutput(f"guest sent an informational status {output.status}")

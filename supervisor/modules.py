@@ -24,6 +24,7 @@ import platform
 import tempfile
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,9 +73,17 @@ class ArtifactCache:
 
     def __init__(self, directory: Path, engine: wasmtime.Engine, engine_settings: str) -> None:
         self.directory = directory / engine_fingerprint(engine_settings)
-        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:  # a read-only cache costs speed, not service
+            log.warning("artifact cache %s unusable (%s); compiling every module", directory, exc)
         self.engine = engine
         self._locks: dict[str, threading.Lock] = {}
+        # Modules loaded by this process, while anything uses them: 1,000 tenants serving
+        # the same module verify and map its artifact once.
+        self._in_memory: weakref.WeakValueDictionary[str, wasmtime.Module] = (
+            weakref.WeakValueDictionary()
+        )
         self._locks_guard = threading.Lock()
         self.hits = 0
         self.misses = 0
@@ -85,8 +94,9 @@ class ArtifactCache:
         digest = hashlib.sha256(binary).hexdigest()
         with self._lock_for(digest):
             started = time.perf_counter()
-            module = self._load_artifact(digest)
+            module = self._in_memory.get(digest) or self._load_artifact(digest)
             if module is not None:
+                self._in_memory[digest] = module
                 self.hits += 1
                 return CompiledModule(
                     digest, len(binary), module, time.perf_counter() - started, True
@@ -98,6 +108,7 @@ class ArtifactCache:
                 raise ModuleRejected(f"{name}: invalid WebAssembly module: {_reason(exc)}") from exc
             compile_s = time.perf_counter() - started
             self._store_artifact(digest, module)
+            self._in_memory[digest] = module
             return CompiledModule(digest, len(binary), module, compile_s, False)
 
     def _lock_for(self, digest: str) -> threading.Lock:

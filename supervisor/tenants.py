@@ -1,9 +1,11 @@
 """The tenant registry: for each tenant, its policy, its routes and its prepared modules.
 
 A tenant is served when `policies/<name>.toml` validates; its routes come from
-`tenants/<name>/modules.toml` (WAGI format) plus each module's `_routes`. The registry's whole
-state is one immutable `RegistryState`, swapped in a single assignment, so a request reads a
-consistent view without locks.
+`tenants/<name>/modules.toml` (WAGI format, the operator's), `tenants/<name>/manifest.json` (the
+named modules the admin API uploads, store.py) and each module's `_routes`. A route claimed by
+two owners (modules.toml and a named module, or two named modules) is a `RouteConflict`.
+The registry's whole state is one immutable `RegistryState`, swapped in a single assignment,
+so a request reads a consistent view without locks.
 
 Reload is incremental and never loses service: every tenant's inputs (its policy, the defaults,
 its modules.toml and module files) are fingerprinted by `stat`; a tenant is rebuilt only when
@@ -25,9 +27,9 @@ from types import MappingProxyType
 
 import trio
 
-from . import policies
+from . import policies, store
 from .admission import TenantLimits
-from .errors import ConfigError, ModuleRejected, SupervisorError
+from .errors import ConfigError, ModuleRejected, RouteConflict, SupervisorError
 from .modules import ArtifactCache, CompiledModule, to_binary
 from .policies import Policy
 from .routing import (
@@ -76,6 +78,7 @@ class RouteTarget:
     entrypoint: str
     argv_template: str | None
     volumes: tuple[Volume, ...]
+    owner: str | None = None  # the named module (manifest.json) it belongs to; None: modules.toml
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +176,19 @@ class TenantRegistry:
         self._routes_output: dict[str, list[tuple[str, str]]] = {}  # sha256 -> `_routes`
         self._file_digests: dict[tuple, CompiledModule] = {}  # (path, stat) -> compiled
         self._lock = threading.Lock()
+        self._policy_set: policies.PolicySet | None = None
+        self._policy_key: tuple = ()
+
+    def build_tenant(self, name: str, manifest: store.Manifest) -> Tenant:
+        """Build served tenant `name` as it would be with `manifest`, without serving it.
+
+        The admin API's dry run before it commits a manifest: what passes here loads. Raises
+        ConfigError (RouteConflict for a route two owners claim). Blocking.
+        """
+        tenant = self.state.tenants.get(name)
+        if tenant is None:
+            raise ConfigError(name, None, "not a served tenant")
+        return self._load_tenant(name, tenant.policy, manifest)
 
     def reload(self, *, force: bool = False) -> RegistryState:
         """Rebuild every tenant whose inputs changed (all of them with `force`). Blocking."""
@@ -190,7 +206,7 @@ class TenantRegistry:
 
     def _reload(self, force: bool) -> RegistryState:
         old = self.state
-        policy_set = policies.load_policy_dir(self.policies_dir)
+        policy_set = self._load_policies(force)
         errors: dict[str, str] = {name: error.message for name, error in policy_set.errors.items()}
         defaults_broken = policies.DEFAULTS_FILE in policy_set.errors
         tenants: dict[str, Tenant] = {}
@@ -217,9 +233,12 @@ class TenantRegistry:
                 fingerprints[name] = self._fingerprints[name]
                 continue
             try:
+                # Stat the tenant's files before reading them: a file replaced while it is
+                # read (another pod's upload) then differs from this fingerprint next time.
+                before = self._fingerprint(name, ())
                 tenant = self._load_tenant(name, policy)
                 tenants[name] = tenant
-                fingerprints[name] = self._fingerprint(name, tenant.modules)
+                fingerprints[name] = before + self._fingerprint(name, tenant.modules)[len(before) :]
             except SupervisorError as exc:
                 errors[name] = exc.message
                 if previous is not None:
@@ -239,6 +258,18 @@ class TenantRegistry:
         )
         return self.state
 
+    def _load_policies(self, force: bool) -> policies.PolicySet:
+        """The policy folder, parsed again only when a file in it changed.
+
+        A poll of 1,000 unchanged tenants spent most of its ~100 ms (every second, holding
+        the GIL) re-parsing policy files; listing and stat-ing the folder costs a few ms.
+        """
+        key = _folder_key(self.policies_dir)
+        if force or self._policy_set is None or key != self._policy_key:
+            self._policy_set = policies.load_policy_dir(self.policies_dir)
+            self._policy_key = key
+        return self._policy_set
+
     def _fingerprint(self, name: str, modules: Iterable[str]) -> tuple:
         """`stat` of every file a tenant's state is built from; equal means nothing changed."""
         tenant_dir = self.tenants_dir / name
@@ -246,11 +277,14 @@ class TenantRegistry:
             self.policies_dir / policies.DEFAULTS_FILE,
             self.policies_dir / f"{name}.toml",
             tenant_dir / MODULES_FILE,
+            tenant_dir / store.MANIFEST_FILE,
             *(tenant_dir / module for module in modules),
         ]
         return tuple(_stat_key(path) for path in paths)
 
-    def _load_tenant(self, name: str, policy: Policy) -> Tenant:
+    def _load_tenant(
+        self, name: str, policy: Policy, manifest: store.Manifest | None = None
+    ) -> Tenant:
         tenant_dir = self.tenants_dir / name
         modules_file = tenant_dir / MODULES_FILE
         specs = (
@@ -265,30 +299,46 @@ class TenantRegistry:
             max_stdout_bytes=policy.max_response_bytes,
         )
         policy_volumes = _resolve_volumes(tenant_dir, policy.volumes, source=f"{name} policy")
+        # (owner, source, spec): modules.toml entries, then the named modules by name.
+        entries: list[tuple[str | None, str, ModuleSpec]] = [
+            (None, f"{modules_file}: module[{index}]", spec) for index, spec in enumerate(specs)
+        ]
+        if manifest is None:
+            manifest = store.read_manifest(tenant_dir)
+        manifest_file = tenant_dir / store.MANIFEST_FILE
+        entries += [
+            (module_name, f"{manifest_file}: modules.{module_name}", _manifest_spec(record))
+            for module_name, record in sorted(manifest.modules.items())
+        ]
         compiled: dict[str, CompiledModule] = {}
         routes: list[Route[RouteTarget]] = []
-        for index, spec in enumerate(specs):
-            source = f"{modules_file}: module[{index}]"
+        owners: dict[str, tuple[str | None, str]] = {}  # pattern -> (owner, source)
+        for owner, source, spec in entries:
             module = compiled.get(spec.module)
             if module is None:
                 module = self._compile(tenant_dir, spec.module, policy, source=source)
                 compiled[spec.module] = module
+            if owner is not None and spec.module != f"{store.MODULES_DIR}/{module.sha256}.wasm":
+                raise ConfigError(source, "sha256", f"{spec.module} does not hold that content")
             prepared = self._prepare(module, source=source)
             _check_entrypoint(prepared, spec.entrypoint, source=source)
             volumes = policy_volumes + _resolve_volumes(tenant_dir, spec.volumes, source=source)
             target = RouteTarget(
-                spec.module, module.sha256, prepared, spec.entrypoint, spec.argv, volumes
+                spec.module, module.sha256, prepared, spec.entrypoint, spec.argv, volumes, owner
             )
-            routes.append(Route(spec.route, target))
+            own_routes = [Route(spec.route, target)]
             for pattern, export in self._routes_of(module, prepared, guest_limits, source):
                 _check_entrypoint(prepared, export, source=f"{source} `_routes`")
                 sub_target = RouteTarget(
-                    spec.module, module.sha256, prepared, export, spec.argv, volumes
+                    spec.module, module.sha256, prepared, export, spec.argv, volumes, owner
                 )
                 try:
-                    routes.append(Route(join_route(spec.route, pattern), sub_target))
+                    own_routes.append(Route(join_route(spec.route, pattern), sub_target))
                 except RouteError as exc:
                     raise ConfigError(source, "_routes", str(exc)) from exc
+            for route in own_routes:
+                _claim(owners, route.pattern, owner, source)
+            routes += own_routes
         return Tenant(
             name=name,
             policy=policy,
@@ -392,6 +442,29 @@ def check_module_binary(binary: bytes, *, name: str, memory_limit: int) -> None:
         )
 
 
+def _manifest_spec(record: store.ModuleRecord) -> ModuleSpec:
+    version = record.current
+    return ModuleSpec(
+        version.route, version.module_file, version.entrypoint, version.argv, version.volumes
+    )
+
+
+def _claim(
+    owners: dict[str, tuple[str | None, str]], pattern: str, owner: str | None, source: str
+) -> None:
+    """Record that `owner` serves `pattern`; two owners of one pattern are a RouteConflict.
+
+    Within modules.toml an equal pattern may repeat (the later entry wins, WAGI.md); across
+    modules.toml and the named modules, or between two named modules, it may not.
+    """
+    claimed = owners.setdefault(pattern, (owner, source))
+    if claimed[0] != owner:
+        first, second = (
+            "modules.toml" if name is None else f"module {name!r}" for name in (claimed[0], owner)
+        )
+        raise RouteConflict(source, "route", f"{pattern!r} is claimed by both {first} and {second}")
+
+
 def _check_entrypoint(prepared: PreparedModule, entrypoint: str, *, source: str) -> None:
     if entrypoint not in prepared.exports:
         raise ConfigError(source, "entrypoint", f"the module exports no {entrypoint!r}")
@@ -410,6 +483,15 @@ def _resolve_volumes(
             )
         resolved.append(Volume(str(host), guest_path))
     return tuple(resolved)
+
+
+def _folder_key(folder: Path) -> tuple:
+    """`stat` of every entry of a folder (following links: ConfigMap mounts are links)."""
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        return ()
+    return tuple(_stat_key(folder / name) for name in names)
 
 
 def _stat_key(path: Path) -> tuple:

@@ -10,6 +10,7 @@ import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import httpx
 import pytest
@@ -49,18 +50,12 @@ async def hello(request: Request, body: RequestBody) -> Response:
 async def running(handler, config: ServerConfig | None = None) -> AsyncIterator[Server]:
     listeners = await open_listeners("127.0.0.1", 0)
     shutdown = trio.Event()
-    with trio.fail_after(TEST_DEADLINE_S), trio.open_nursery() as nursery:
-        await nursery.start(
-            lambda task_status: serve(
-                handler,
-                listeners,
-                config or ServerConfig(),
-                shutdown=shutdown,
-                task_status=task_status,
-            )
-        )
-        yield Server(bound_port(listeners), shutdown)
-        shutdown.set()
+    with trio.fail_after(TEST_DEADLINE_S):
+        async with trio.open_nursery() as nursery:
+            config = config or ServerConfig()
+            await nursery.start(partial(serve, handler, listeners, config, shutdown=shutdown))
+            yield Server(bound_port(listeners), shutdown)
+            shutdown.set()
 
 
 @dataclass

@@ -1,0 +1,359 @@
+"""Prometheus metrics: the registry, the instruments the gateway feeds, and `/metrics`.
+
+Two kinds of series, all under `wasm_supervisor_` and in base units:
+
+- Pod-level signals, with no tenant label, for autoscaling and capacity: requests in flight,
+  `request_concurrency_seconds_total` (whose `rate()` is the time-weighted average
+  concurrency, the signal Knative's queue-proxy measures), execution slots and busy slots,
+  queue depth, admission rejections by reason, artifact-cache and reload counters.
+- Per-tenant series: requests by outcome and status class, latency, fuel, guest memory
+  high-water mark, compile seconds, modules by cache result, configuration errors. Their
+  `tenant` label is bounded (`TenantLabels`): a configured set of tenants gets its own value,
+  every other tenant is `other`, a request that matched no tenant is `-`; so the number of
+  series cannot grow with the number of tenants.
+
+State owned elsewhere (admission, the tenant registry, the artifact cache) is read when
+scraped, by a collector; nothing here keeps a copy of it. Everything is read and rendered on
+the event loop, the thread that changes admission state, so a scrape sees one consistent
+moment. Guests run in worker threads, so `/metrics` answers while every slot is busy.
+
+`/metrics` is served by `server.serve` on its own listener (`--metrics-listen`), in the
+Prometheus text format, or OpenMetrics when the scraper's `Accept` asks for it.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    GCCollector,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+
+from . import __version__
+from .admission import Admission
+from .errors import Outcome
+from .policies import is_valid_tenant_name
+from .server import Request, RequestBody, Response
+from .tenants import TenantRegistry
+
+PREFIX = "wasm_supervisor"
+METRICS_PATH = "/metrics"
+DEFAULT_METRICS_PORT = 9464
+"""Prometheus exporters' customary port; not one Knative reserves (8008, 8012, 8013, 8022,
+9090, 9091), and not the serving port, so a scrape never competes with tenant traffic for it."""
+
+OTHER_TENANT = "other"
+"""The label value shared by every tenant outside the configured set."""
+NO_TENANT = "-"
+"""The label value of a request that matched no tenant (the access log's placeholder too)."""
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+"""Seconds. A trivial guest answers in about a millisecond; `timeout_ms` allows up to ten
+minutes, but past a minute the exact figure no longer changes a decision."""
+
+_TEXT = [(b"content-type", b"text/plain; charset=utf-8")]
+
+
+class ConcurrencyTracker:
+    """Requests in flight and their integral over time, exact at any instant.
+
+    The integral (request-seconds) advances by `inflight * elapsed` at every change and is
+    completed up to `now` when read, so its rate over any window is the time-weighted average
+    concurrency, also while long requests are still running (a counter bumped only when a
+    request ends would show nothing for a request longer than the window). Thread-safe.
+    """
+
+    __slots__ = ("_accumulated", "_clock", "_inflight", "_last_change", "_lock")
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._inflight = 0
+        self._accumulated = 0.0
+        self._last_change = clock()
+
+    def enter(self) -> None:
+        with self._lock:
+            self._advance()
+            self._inflight += 1
+
+    def exit(self) -> None:
+        with self._lock:
+            self._advance()
+            self._inflight -= 1
+
+    def read(self) -> tuple[int, float]:
+        """(requests in flight now, request-seconds since start)."""
+        with self._lock:
+            self._advance()
+            return self._inflight, self._accumulated
+
+    def _advance(self) -> None:
+        now = self._clock()
+        self._accumulated += self._inflight * (now - self._last_change)
+        self._last_change = now
+
+
+class TenantLabels:
+    """Maps a tenant name to its bounded `tenant` label value."""
+
+    def __init__(self, tenants: Iterable[str]) -> None:
+        names = frozenset(tenants)
+        for name in names:
+            if not is_valid_tenant_name(name):
+                raise ValueError(f"metrics tenant {name!r} is not a valid tenant name")
+        if OTHER_TENANT in names:
+            # Its series would merge with everyone else's, and nobody could tell them apart.
+            raise ValueError(f"{OTHER_TENANT!r} is the label of unlisted tenants; rename it")
+        self.tenants = names
+
+    def __call__(self, tenant: str) -> str:
+        if tenant in self.tenants:
+            return tenant
+        return NO_TENANT if tenant == NO_TENANT else OTHER_TENANT
+
+    def values(self) -> list[str]:
+        """The label values of tenants: the configured ones and `other` (never `-`)."""
+        return [*sorted(self.tenants), OTHER_TENANT]
+
+    def of_key(self, key: str) -> str:
+        """The label of a registry error key: `acme`, `acme.toml`, `acme.hosts`, or a file
+        that belongs to no tenant (`_defaults.toml`, which is `-`)."""
+        tenant = key.partition(".")[0]
+        return self(tenant) if is_valid_tenant_name(tenant) else NO_TENANT
+
+
+class Metrics:
+    """The process's metrics: instruments fed by the gateway, collectors over shared state."""
+
+    def __init__(
+        self,
+        admission: Admission,
+        registry: TenantRegistry,
+        *,
+        tenants: Iterable[str] = (),
+    ) -> None:
+        # `_created` series double the series count and Prometheus 2.x ignores them in the
+        # text format. The switch is process-wide; this is the process's only registry.
+        disable_created_metrics()
+        self.tenant_label = TenantLabels(tenants)
+        self.concurrency = ConcurrencyTracker()
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._memory_high_water: dict[str, int] = {}
+        self._requests = Counter(
+            f"{PREFIX}_requests",
+            "Requests finished, by tenant, outcome and status class.",
+            ["tenant", "outcome", "status_class"],
+            registry=self.registry,
+        )
+        self._duration = Histogram(
+            f"{PREFIX}_request_duration_seconds",
+            "Time from the request head to the response, by tenant.",
+            ["tenant"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self._fuel = Counter(
+            f"{PREFIX}_guest_fuel_consumed",
+            "WebAssembly fuel consumed by guests (about one unit per instruction), by tenant.",
+            ["tenant"],
+            registry=self.registry,
+        )
+        # Children looked up once per label combination, not on every request.
+        self._request_children: dict[tuple[str, str, str], Counter] = {}
+        self._tenant_children: dict[str, tuple[Histogram, Counter]] = {}
+        Info(f"{PREFIX}_build", "Versions this process runs.", registry=self.registry).info(
+            {
+                "version": __version__,
+                "python": platform.python_version(),
+                "wasmtime": importlib.metadata.version("wasmtime"),
+            }
+        )
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
+        self.registry.register(_StateCollector(self, admission, registry))
+
+    def request_started(self) -> None:
+        self.concurrency.enter()
+
+    def request_finished(self) -> None:
+        self.concurrency.exit()
+
+    def observe_request(
+        self,
+        tenant: str,
+        status: int,
+        outcome: Outcome,
+        duration_s: float,
+        fuel_used: int,
+        memory_bytes: int,
+    ) -> None:
+        """Count one finished request (`tenant` is `NO_TENANT` when none matched)."""
+        label = self.tenant_label(tenant)
+        key = (label, str(outcome), f"{status // 100}xx")
+        counter = self._request_children.get(key)
+        if counter is None:
+            counter = self._request_children[key] = self._requests.labels(*key)
+        counter.inc()
+        children = self._tenant_children.get(label)
+        if children is None:
+            children = self._tenant_children[label] = (
+                self._duration.labels(label),
+                self._fuel.labels(label),
+            )
+        duration, fuel = children
+        duration.observe(duration_s)
+        if fuel_used:
+            fuel.inc(fuel_used)
+        if memory_bytes > self._memory_high_water.get(label, 0):
+            self._memory_high_water[label] = memory_bytes
+
+    def memory_high_water(self) -> dict[str, int]:
+        """Largest guest memory seen, in bytes, by tenant label."""
+        return dict(self._memory_high_water)
+
+    def render(self, accept: str) -> tuple[bytes, str]:
+        """The exposition and its content type: OpenMetrics if `accept` asks for it."""
+        encode, content_type = choose_encoder(accept)
+        return encode(self.registry), content_type
+
+    async def handle(self, request: Request, body: RequestBody) -> Response:
+        """The metrics listener's handler: `GET /metrics`, nothing else."""
+        if request.path != METRICS_PATH:
+            return Response(404, list(_TEXT), b"only /metrics is served here\n")
+        if request.method not in ("GET", "HEAD"):
+            return Response(405, [*_TEXT, (b"allow", b"GET, HEAD")], b"use GET\n")
+        accept = next((value for name, value in request.headers if name == "accept"), "")
+        data, content_type = self.render(accept)
+        return Response(200, [(b"content-type", content_type.encode("latin-1"))], data)
+
+
+class _StateCollector:
+    """Reads, at scrape time, the state that the gateway, admission and registry own."""
+
+    def __init__(self, metrics: Metrics, admission: Admission, registry: TenantRegistry) -> None:
+        self._metrics = metrics
+        self._admission = admission
+        self._registry = registry
+
+    def describe(self) -> list[Metric]:
+        # Names only, so the registry can refuse a clash without reading any state.
+        return list(self._families().values())
+
+    def collect(self) -> Iterator[Metric]:
+        families = self._families()
+        labels = self._metrics.tenant_label
+        inflight, request_seconds = self._metrics.concurrency.read()
+        families["inflight"].add_metric([], inflight)
+        families["concurrency"].add_metric([], request_seconds)
+
+        stats = self._admission.statistics()
+        families["slots"].add_metric([], stats.slots)
+        families["busy"].add_metric([], stats.busy_slots)
+        families["queued"].add_metric([], stats.waiting)
+        families["queue_capacity"].add_metric([], stats.global_queue)
+        for reason, count in sorted(stats.rejections.items()):
+            families["rejections"].add_metric([reason], count)
+
+        cache = self._registry.cache
+        families["cache_hits"].add_metric([], cache.hits)
+        families["cache_misses"].add_metric([], cache.misses)
+        families["cache_rebuilt"].add_metric([], cache.rebuilt)
+        families["reload_errors"].add_metric([], self._registry.reload_errors)
+
+        state = self._registry.state
+        families["tenants"].add_metric([], len(state.tenants))
+        compile_s = dict.fromkeys(labels.values(), 0.0)
+        modules = {(label, hit): 0 for label in labels.values() for hit in ("hit", "miss")}
+        for name, tenant in state.tenants.items():
+            label = labels(name)
+            for module in tenant.modules.values():
+                compile_s[label] += module.compile_s
+                modules[label, "hit" if module.cache_hit else "miss"] += 1
+        errors = dict.fromkeys([*labels.values(), NO_TENANT], 0)
+        for key in state.errors:
+            errors[labels.of_key(key)] += 1
+        for label in labels.values():
+            families["compile"].add_metric([label], compile_s[label])
+            for hit in ("hit", "miss"):
+                families["modules"].add_metric([label, hit], modules[label, hit])
+        for label, count in errors.items():
+            families["errors"].add_metric([label], count)
+        for label, high_water in sorted(self._metrics.memory_high_water().items()):
+            families["memory"].add_metric([label], high_water)
+        return iter(families.values())
+
+    @staticmethod
+    def _families() -> dict[str, Metric]:
+        def gauge(name: str, doc: str, labels: tuple[str, ...] = ()) -> GaugeMetricFamily:
+            return GaugeMetricFamily(f"{PREFIX}_{name}", doc, labels=list(labels))
+
+        def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> CounterMetricFamily:
+            return CounterMetricFamily(f"{PREFIX}_{name}", doc, labels=list(labels))
+
+        return {
+            "inflight": gauge(
+                "inflight_requests", "Requests being served now (waiting or running)."
+            ),
+            "concurrency": counter(
+                "request_concurrency_seconds",
+                "Request-seconds served; its rate is the time-weighted average concurrency.",
+            ),
+            "slots": gauge("execution_slots", "Guests that can run at once: the capacity."),
+            "busy": gauge("busy_slots", "Execution slots running a guest now."),
+            "queued": gauge("queued_requests", "Requests waiting for an execution slot."),
+            "queue_capacity": gauge(
+                "queue_capacity", "Requests that may wait for a slot, all tenants together."
+            ),
+            "rejections": counter(
+                "admission_rejections", "Requests refused by admission, by reason.", ("reason",)
+            ),
+            "cache_hits": counter(
+                "artifact_cache_hits", "Modules loaded from a verified compiled artifact."
+            ),
+            "cache_misses": counter(
+                "artifact_cache_misses", "Modules compiled because no artifact was stored."
+            ),
+            "cache_rebuilt": counter(
+                "artifact_cache_rebuilt", "Stored artifacts that failed verification, rebuilt."
+            ),
+            "reload_errors": counter(
+                "policy_reload_errors",
+                "Policy or module loads that failed; the last good state stayed in force.",
+            ),
+            "tenants": gauge("tenants", "Tenants served."),
+            "compile": gauge(
+                "module_compile_seconds",
+                "Seconds it took to compile (or load) the modules in force, by tenant.",
+                ("tenant",),
+            ),
+            "modules": gauge(
+                "modules",
+                "Modules in force, by tenant and whether they came from the artifact cache.",
+                ("tenant", "cache"),
+            ),
+            "errors": gauge(
+                "config_errors",
+                "Policy or module files failing validation now, by tenant.",
+                ("tenant",),
+            ),
+            "memory": gauge(
+                "guest_memory_high_water_bytes",
+                "Largest linear memory a guest of the tenant reached.",
+                ("tenant",),
+            ),
+        }

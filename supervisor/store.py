@@ -1,0 +1,339 @@
+"""What the admin API stores per tenant: content-addressed module files and a manifest.
+
+`tenants/<t>/modules.toml` is the operator's hand-written file; the admin API never touches
+it. Uploads live beside it:
+
+    tenants/<t>/manifest.json          the named modules, replaced atomically
+    tenants/<t>/modules/<sha256>.wasm  each module binary, named by its content
+    tenants/<t>/.manifest.lock         flock'd around every read-modify-write
+
+Crash safety comes from ordering: a module file is written (temp file, fsync, rename, fsync
+the folder) before any manifest names it, and the manifest itself is replaced the same way,
+so a kill -9 at any moment leaves the old manifest or the new one, each pointing only at
+complete files. What a crash can leave behind (temp files, module files no manifest names) is
+removed by `collect_garbage` under the lock.
+
+Several processes and pods may share one tenants folder (a ReadWriteMany volume): every
+read-modify-write of a manifest runs under `manifest_lock`, an exclusive `flock` on the
+tenant's lock file. Readers (the registry) take no lock: a rename is atomic.
+
+Manifest format (version 1):
+
+    {"format": 1,
+     "modules": {"<name>": {<version>, "previous": <version> | null}},
+     "deleted": {"<name>": {<version>, "previous": <version> | null}}}
+
+where a version is `{sha256, size, route, entrypoint, argv, volumes, uploaded_at,
+compile_s}`. `deleted` keeps what DELETE removed, so a rollback can bring it back.
+
+Everything here blocks: call it from a worker thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from . import policies
+from .errors import ConfigError
+from .modules import _fsync_directory, _write_atomically
+from .routing import RouteError, validate_pattern
+
+__all__ = [
+    "LOCK_FILE",
+    "MANIFEST_FILE",
+    "MODULES_DIR",
+    "MODULE_NAME_RE",
+    "Manifest",
+    "ModuleRecord",
+    "ModuleVersion",
+    "collect_garbage",
+    "manifest_lock",
+    "module_path",
+    "read_manifest",
+    "store_module",
+    "utc_now",
+    "write_manifest",
+]
+
+MANIFEST_FILE = "manifest.json"
+MODULES_DIR = "modules"
+LOCK_FILE = ".manifest.lock"
+MANIFEST_FORMAT = 1
+
+MODULE_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+"""A named module: safe in a URL path segment and a file name, never hidden, never `..`."""
+
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+_VERSION_KEYS = frozenset(
+    {"sha256", "size", "route", "entrypoint", "argv", "volumes", "uploaded_at", "compile_s"}
+)
+# Temp files of `modules._write_atomically` are ".<final name>.<random>.tmp".
+_TEMP_RE = re.compile(r"\..+\.tmp")
+_MANIFEST_TEMP_RE = re.compile(r"\.manifest\.json\..+\.tmp")
+
+
+@dataclass(frozen=True, slots=True)
+class ModuleVersion:
+    """One uploaded version of a named module: its content and how it is served."""
+
+    sha256: str
+    size: int
+    route: str
+    entrypoint: str
+    argv: str | None
+    volumes: Mapping[str, str]
+    uploaded_at: str  # RFC 3339, UTC
+    compile_s: float
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "volumes", MappingProxyType(dict(self.volumes)))
+
+    @property
+    def module_file(self) -> str:
+        """The module's path relative to the tenant's folder."""
+        return f"{MODULES_DIR}/{self.sha256}.wasm"
+
+    def serves_like(self, other: ModuleVersion) -> bool:
+        """Same content served the same way (an upload that would change nothing)."""
+        return (self.sha256, self.route, self.entrypoint, self.argv, dict(self.volumes)) == (
+            other.sha256,
+            other.route,
+            other.entrypoint,
+            other.argv,
+            dict(other.volumes),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "sha256": self.sha256,
+            "size": self.size,
+            "route": self.route,
+            "entrypoint": self.entrypoint,
+            "argv": self.argv,
+            "volumes": dict(self.volumes),
+            "uploaded_at": self.uploaded_at,
+            "compile_s": self.compile_s,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ModuleRecord:
+    """A named module: the version served and the one before it (for rollback)."""
+
+    current: ModuleVersion
+    previous: ModuleVersion | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        previous = self.previous.to_dict() if self.previous else None
+        return {**self.current.to_dict(), "previous": previous}
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """One reading of a tenant's manifest.json; change it with `dataclasses.replace`."""
+
+    modules: Mapping[str, ModuleRecord] = field(default_factory=dict)
+    deleted: Mapping[str, ModuleRecord] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "modules", MappingProxyType(dict(self.modules)))
+        object.__setattr__(self, "deleted", MappingProxyType(dict(self.deleted)))
+
+    def with_module(self, name: str, record: ModuleRecord) -> Manifest:
+        """`name` served as `record`; a tombstone of the same name is dropped."""
+        deleted = {key: value for key, value in self.deleted.items() if key != name}
+        return dataclasses.replace(self, modules={**self.modules, name: record}, deleted=deleted)
+
+    def without_module(self, name: str, *, keep_deleted: int) -> Manifest:
+        """`name` no longer served; kept as a tombstone (the newest `keep_deleted` are kept)."""
+        modules = {key: value for key, value in self.modules.items() if key != name}
+        deleted = {key: value for key, value in self.deleted.items() if key != name}
+        deleted[name] = self.modules[name]
+        kept = dict(list(deleted.items())[-keep_deleted:]) if keep_deleted > 0 else {}
+        return dataclasses.replace(self, modules=modules, deleted=kept)
+
+    def referenced(self) -> set[str]:
+        """The sha256 of every module file some version here names."""
+        digests = set()
+        for record in (*self.modules.values(), *self.deleted.values()):
+            digests.add(record.current.sha256)
+            if record.previous is not None:
+                digests.add(record.previous.sha256)
+        return digests
+
+    def to_json(self) -> bytes:
+        document = {
+            "format": MANIFEST_FORMAT,
+            "modules": {name: record.to_dict() for name, record in self.modules.items()},
+            "deleted": {name: record.to_dict() for name, record in self.deleted.items()},
+        }
+        return json.dumps(document, indent=1, sort_keys=False).encode() + b"\n"
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def module_path(tenant_dir: Path, sha256: str) -> Path:
+    return tenant_dir / MODULES_DIR / f"{sha256}.wasm"
+
+
+def read_manifest(tenant_dir: Path) -> Manifest:
+    """The tenant's manifest, empty when there is none. Raises ConfigError naming the key."""
+    path = tenant_dir / MANIFEST_FILE
+    source = str(path)
+    try:
+        data = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return Manifest()
+    except OSError as exc:
+        raise ConfigError(source, None, f"cannot read: {exc.strerror}") from exc
+    except ValueError as exc:
+        raise ConfigError(source, None, f"invalid JSON: {exc}") from exc
+    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
+        raise ConfigError(source, "format", f"expected a manifest of format {MANIFEST_FORMAT}")
+    unknown = set(data) - {"format", "modules", "deleted"}
+    if unknown:
+        raise ConfigError(source, sorted(unknown)[0], "unknown key")
+    sections = {}
+    for section in ("modules", "deleted"):
+        entries = data.get(section, {})
+        if not isinstance(entries, dict):
+            raise ConfigError(source, section, "must be an object")
+        sections[section] = {
+            name: _parse_record(entry, source=source, key=f"{section}.{name}")
+            for name, entry in entries.items()
+        }
+    for name in sections["modules"]:
+        if not MODULE_NAME_RE.fullmatch(name):
+            raise ConfigError(source, f"modules.{name}", "not a valid module name")
+    return Manifest(sections["modules"], sections["deleted"])
+
+
+def _parse_record(entry: object, *, source: str, key: str) -> ModuleRecord:
+    if not isinstance(entry, dict):
+        raise ConfigError(source, key, "must be an object")
+    rest = {name: value for name, value in entry.items() if name != "previous"}
+    previous = entry.get("previous")
+    return ModuleRecord(
+        current=_parse_version(rest, source=source, key=key),
+        previous=None
+        if previous is None
+        else _parse_version(previous, source=source, key=f"{key}.previous"),
+    )
+
+
+def _parse_version(entry: object, *, source: str, key: str) -> ModuleVersion:
+    if not isinstance(entry, dict):
+        raise ConfigError(source, key, "must be an object")
+    if set(entry) != _VERSION_KEYS:
+        missing = sorted(_VERSION_KEYS - set(entry))
+        extra = sorted(set(entry) - _VERSION_KEYS)
+        raise ConfigError(source, key, f"missing keys {missing}, unknown keys {extra}")
+    checks = (
+        ("sha256", isinstance(entry["sha256"], str) and _SHA256_RE.fullmatch(entry["sha256"])),
+        ("size", isinstance(entry["size"], int) and entry["size"] > 0),
+        ("route", isinstance(entry["route"], str)),
+        ("entrypoint", isinstance(entry["entrypoint"], str) and entry["entrypoint"]),
+        ("argv", entry["argv"] is None or isinstance(entry["argv"], str)),
+        ("uploaded_at", isinstance(entry["uploaded_at"], str)),
+        ("compile_s", isinstance(entry["compile_s"], int | float)),
+    )
+    for name, ok in checks:
+        if not ok:
+            raise ConfigError(source, f"{key}.{name}", f"invalid value {entry[name]!r}")
+    try:
+        validate_pattern(entry["route"])
+    except RouteError as exc:
+        raise ConfigError(source, f"{key}.route", str(exc)) from exc
+    return ModuleVersion(
+        sha256=entry["sha256"],
+        size=entry["size"],
+        route=entry["route"],
+        entrypoint=entry["entrypoint"],
+        argv=entry["argv"],
+        volumes=policies.parse_volumes(f"{source}: {key}", entry["volumes"]),
+        uploaded_at=entry["uploaded_at"],
+        compile_s=float(entry["compile_s"]),
+    )
+
+
+def write_manifest(tenant_dir: Path, manifest: Manifest) -> None:
+    """Replace manifest.json atomically and durably. Call under `manifest_lock`."""
+    _write_atomically(tenant_dir / MANIFEST_FILE, manifest.to_json())
+    _fsync_directory(tenant_dir)
+
+
+def store_module(tenant_dir: Path, binary: bytes) -> str:
+    """Write `binary` as modules/<sha256>.wasm, durably, and return its sha256.
+
+    Content-addressed, so a file already there with the right size is that same content (it
+    was renamed into place whole); it is not written again.
+    """
+    digest = hashlib.sha256(binary).hexdigest()
+    path = module_path(tenant_dir, digest)
+    path.parent.mkdir(exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        if path.stat().st_size == len(binary):
+            return digest
+    _write_atomically(path, binary)
+    _fsync_directory(path.parent)
+    return digest
+
+
+def collect_garbage(tenant_dir: Path, manifest: Manifest) -> list[str]:
+    """Remove module files `manifest` doesn't name and temp files a crash left behind.
+
+    Only under `manifest_lock`: then no writer is between writing a module file and naming it
+    in the manifest (both happen under the lock), and every temp file is a dead writer's.
+    Returns the names removed.
+    """
+    removed = []
+    keep = {f"{digest}.wasm" for digest in manifest.referenced()}
+    modules_dir = tenant_dir / MODULES_DIR
+    candidates = [(modules_dir, name) for name in _names(modules_dir)]
+    candidates += [
+        (tenant_dir, name) for name in _names(tenant_dir) if _MANIFEST_TEMP_RE.fullmatch(name)
+    ]
+    for folder, name in candidates:
+        if name in keep or not (name.endswith(".wasm") or _TEMP_RE.fullmatch(name)):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            (folder / name).unlink()
+            removed.append(name)
+    return removed
+
+
+def _names(folder: Path) -> list[str]:
+    try:
+        return os.listdir(folder)
+    except FileNotFoundError:
+        return []
+
+
+@contextlib.contextmanager
+def manifest_lock(tenant_dir: Path) -> Iterator[None]:
+    """Hold the tenant's manifest lock (exclusive `flock`), across processes and pods.
+
+    Blocks until the lock is free: call it from a worker thread. The lock file is never
+    deleted (deleting it would let two writers lock two different files).
+    """
+    tenant_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(tenant_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock

@@ -1,0 +1,311 @@
+"""Policies, routes and modules change under a running server, without a restart.
+
+The registry polls its folders every `watch_interval_s` (0.05 s in tests). A test changes a
+file, then polls the HTTP answer until it shows the change, bounded by `trio.fail_after`: never
+a fixed sleep. A change that must *not* apply is checked after the registry has reported the
+broken file (so at least one reload has seen it).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import textwrap
+from collections.abc import Callable
+
+import httpx
+import pytest
+import trio
+from conftest import DEMO, Running
+from test_lifecycle import serve_process
+
+CHANGE_TIMEOUT_S = 5.0
+"""For a change on disk to be served: many polls of the registry, on a loaded machine too."""
+POLL_S = 0.02
+
+ECHO = {"/echo/...": "echo.wat"}
+
+
+async def until(
+    running: Running,
+    path: str,
+    accept: Callable[[httpx.Response], bool],
+    *,
+    body: bytes | None = None,
+) -> httpx.Response:
+    """GET (POST with `body`) `path` until `accept` says yes; fails after CHANGE_TIMEOUT_S."""
+    response = None
+    try:
+        with trio.fail_after(CHANGE_TIMEOUT_S):
+            while True:
+                if body is None:
+                    response = await running.client.get(path)
+                else:
+                    response = await running.client.post(path, content=body)
+                if accept(response):
+                    return response
+                await trio.sleep(POLL_S)
+    except trio.TooSlowError:
+        last = response and (response.status_code, response.text[:300])
+        errors = dict(running.app.registry.state.errors)
+        pytest.fail(f"{path}: no accepted answer; last {last}; registry errors {errors}")
+
+
+async def until_error(running: Running, key: str) -> str:
+    """The registry's error for `key` (a file or tenant name), once a reload has reported it."""
+    with trio.fail_after(CHANGE_TIMEOUT_S):
+        while key not in running.app.registry.state.errors:
+            await trio.sleep(POLL_S)
+    return running.app.registry.state.errors[key]
+
+
+def says(status: int, text: str) -> Callable[[httpx.Response], bool]:
+    return lambda response: response.status_code == status and text in response.text
+
+
+def greeting_wat(text: str) -> str:
+    """A guest answering `text` (ASCII without quotes or backslashes): one module per text."""
+    output = f"content-type: text/plain\n\n{text}\n"
+    escaped = output.replace("\n", "\\n")
+    return textwrap.dedent(
+        f"""\
+        (module
+          (import "wasi_snapshot_preview1" "fd_write"
+            (func $fd_write (param i32 i32 i32 i32) (result i32)))
+          (memory (export "memory") 1)
+          (data (i32.const 16) "{escaped}")
+          (func (export "_start")
+            (i32.store (i32.const 0) (i32.const 16))
+            (i32.store (i32.const 4) (i32.const {len(output)}))
+            (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))
+        """
+    )
+
+
+# Policies -------------------------------------------------------------------------------------
+
+
+async def test_policy_env_change_applies_without_restart(workspace, start_supervisor):
+    workspace.add_tenant("demo", ECHO, policy='[env]\nGREETING = "one"\n')
+    running = await start_supervisor()
+    assert "GREETING=one\n" in (await running.client.get("/demo/echo/")).text
+
+    workspace.write_policy("demo", '[env]\nGREETING = "two"\n')
+    await until(running, "/demo/echo/", says(200, "GREETING=two\n"))
+
+
+async def test_policy_limit_change_applies_without_restart(workspace, start_supervisor):
+    workspace.add_tenant("demo", ECHO, policy="max_request_bytes = 10\n")
+    running = await start_supervisor()
+    body = b"x" * 100
+    assert (await running.client.post("/demo/echo/", content=body)).status_code == 413
+
+    workspace.write_policy("demo", 'max_request_bytes = "1KiB"\n')
+    response = await until(running, "/demo/echo/", says(200, "\n---\n"), body=body)
+    assert response.text.startswith("x" * 100 + "\n---\n")
+
+
+BROKEN_POLICIES = {
+    "unknown key": ('timeout_msx = 100\n[env]\nGREETING = "two"\n', "timeout_msx", "unknown key"),
+    "bad TOML": ('[env]\nGREETING = "two\n', None, "invalid TOML"),
+    "wrong type": (
+        'timeout_ms = "soon"\n[env]\nGREETING = "two"\n',
+        "timeout_ms",
+        "must be an integer",
+    ),
+    "out of range": (
+        'timeout_ms = 0\n[env]\nGREETING = "two"\n',
+        "timeout_ms",
+        "must be at least 1",
+    ),
+}
+
+
+@pytest.mark.parametrize(("text", "key", "reason"), BROKEN_POLICIES.values(), ids=BROKEN_POLICIES)
+async def test_broken_policy_keeps_the_last_good_one_until_fixed(
+    workspace, start_supervisor, text, key, reason
+):
+    workspace.add_tenant("demo", ECHO, policy='[env]\nGREETING = "one"\n')
+    running = await start_supervisor()
+
+    workspace.write_policy("demo", text)
+    message = await until_error(running, "demo.toml")
+    assert str(workspace.policies / "demo.toml") in message
+    if key:
+        assert f": {key}: " in message
+    assert reason in message
+    response = await running.client.get("/demo/echo/")
+    assert response.status_code == 200
+    assert "GREETING=one\n" in response.text  # the last good policy is in force
+
+    workspace.write_policy("demo", '[env]\nGREETING = "three"\n')
+    await until(running, "/demo/echo/", says(200, "GREETING=three\n"))
+    assert dict(running.app.registry.state.errors) == {}
+
+
+async def test_defaults_change_applies_and_broken_defaults_keep_the_old(
+    workspace, start_supervisor
+):
+    workspace.add_tenant("demo", ECHO)
+    (workspace.policies / "_defaults.toml").write_text('[env]\nFROM_DEFAULTS = "a"\n')
+    running = await start_supervisor()
+    assert "FROM_DEFAULTS=a\n" in (await running.client.get("/demo/echo/")).text
+
+    (workspace.policies / "_defaults.toml").write_text('[env]\nFROM_DEFAULTS = "b"\n')
+    await until(running, "/demo/echo/", says(200, "FROM_DEFAULTS=b\n"))
+
+    (workspace.policies / "_defaults.toml").write_text(
+        'timeout_ms = -1\n[env]\nFROM_DEFAULTS = "c"\n'
+    )
+    message = await until_error(running, "_defaults.toml")
+    assert "timeout_ms" in message
+    assert "FROM_DEFAULTS=b\n" in (await running.client.get("/demo/echo/")).text
+
+
+# Routes and modules ---------------------------------------------------------------------------
+
+
+BROKEN_MODULES_TOML = {
+    "bad TOML": ("[[module]\nroute = 1\n", None),
+    "unknown key": ('[[module]]\nroute = "/hello"\nmodule = "hello.wat"\nroot = "x"\n', "root"),
+    "missing module file": ('[[module]]\nroute = "/hello"\nmodule = "gone.wat"\n', "module"),
+}
+
+
+@pytest.mark.parametrize(("text", "key"), BROKEN_MODULES_TOML.values(), ids=BROKEN_MODULES_TOML)
+async def test_broken_modules_toml_keeps_the_old_routes(workspace, start_supervisor, text, key):
+    folder = workspace.add_tenant("demo", {"/hello": "hello.wat"})
+    running = await start_supervisor()
+
+    (folder / "modules.toml").write_text(text)
+    message = await until_error(running, "demo")
+    assert str(folder / "modules.toml") in message
+    if key:
+        assert key in message
+    response = await running.client.get("/demo/hello")
+    assert (response.status_code, response.text) == (200, "hello from wasm\n")
+
+    (folder / "modules.toml").write_text('[[module]]\nroute = "/howdy"\nmodule = "hello.wat"\n')
+    await until(running, "/demo/howdy", says(200, "hello from wasm"))
+    assert (await running.client.get("/demo/hello")).status_code == 404
+    assert dict(running.app.registry.state.errors) == {}
+
+
+async def test_invalid_module_keeps_the_old_one(workspace, start_supervisor):
+    folder = workspace.add_tenant("demo", {"/hello": "hello.wat"})
+    running = await start_supervisor()
+
+    (folder / "hello.wat").write_text("(module (func $broken (")
+    message = await until_error(running, "demo")
+    assert "hello.wat" in message
+    assert "invalid WebAssembly text" in message
+    response = await running.client.get("/demo/hello")
+    assert (response.status_code, response.text) == (200, "hello from wasm\n")
+
+
+async def test_added_route_is_served_without_restart(workspace, start_supervisor):
+    folder = workspace.add_tenant("demo", {"/hello": "hello.wat"})
+    running = await start_supervisor()
+    assert (await running.client.get("/demo/echo/x")).status_code == 404
+
+    (folder / "echo.wat").write_bytes((DEMO / "echo.wat").read_bytes())
+    with (folder / "modules.toml").open("a") as modules:
+        modules.write('\n[[module]]\nroute = "/echo/..."\nmodule = "echo.wat"\n')
+    await until(running, "/demo/echo/x", says(200, "PATH_INFO=/x\n"))
+    assert (await running.client.get("/demo/hello")).text == "hello from wasm\n"
+
+
+@pytest.mark.parametrize("how", ["in place", "renamed over"])
+async def test_replaced_module_file_is_served_without_restart(workspace, start_supervisor, how):
+    folder = workspace.add_tenant("demo", {"/hello": "hello.wat"})
+    running = await start_supervisor()
+    assert (await running.client.get("/demo/hello")).text == "hello from wasm\n"
+
+    if how == "in place":
+        (folder / "hello.wat").write_text(greeting_wat("hello again"))
+    else:
+        (folder / "new.tmp").write_text(greeting_wat("hello again"))
+        os.replace(folder / "new.tmp", folder / "hello.wat")
+    await until(running, "/demo/hello", says(200, "hello again\n"))
+
+
+# One tenant's trouble stays its own ---------------------------------------------------------
+
+
+async def test_tenants_broken_at_startup_do_not_stop_the_others(workspace, start_supervisor):
+    workspace.add_tenant("good", {"/hello": "hello.wat"})
+    workspace.add_tenant("badpolicy", {"/hello": "hello.wat"}, policy="fuel = 1\n")
+    folder = workspace.add_tenant("badmodule", {"/hello": "hello.wat"})
+    (folder / "hello.wat").write_text("(module (func $broken (")
+    folder = workspace.add_tenant("badroutes", {"/": "bad_routes.wat"})
+    running = await start_supervisor()
+
+    assert (await running.client.get("/good/hello")).text == "hello from wasm\n"
+    for name in ("badpolicy", "badmodule", "badroutes"):
+        assert (await running.client.get(f"/{name}/hello")).status_code == 404
+    errors = running.app.registry.state.errors
+    assert set(errors) == {"badpolicy.toml", "badmodule", "badroutes"}
+    assert "fuel" in errors["badpolicy.toml"]
+    assert "this-line-has-no-export" in errors["badroutes"]
+
+    # A broken tenant, once fixed, is served; the good one never stopped.
+    (workspace.tenants / "badmodule" / "hello.wat").write_bytes((DEMO / "hello.wat").read_bytes())
+    await until(running, "/badmodule/hello", says(200, "hello from wasm"))
+
+
+async def test_a_tenant_broken_at_runtime_does_not_stop_changes_to_another(
+    workspace, start_supervisor
+):
+    workspace.add_tenant("broken", ECHO, policy='[env]\nGREETING = "b1"\n')
+    workspace.add_tenant("other", ECHO, policy='[env]\nGREETING = "o1"\n')
+    running = await start_supervisor()
+
+    workspace.write_policy("broken", "max_queue = -5\n")
+    (workspace.tenants / "broken" / "modules.toml").write_text("not toml at all")
+    await until_error(running, "broken.toml")
+    workspace.write_policy("other", '[env]\nGREETING = "o2"\n')
+    await until(running, "/other/echo/", says(200, "GREETING=o2\n"))
+    assert "GREETING=b1\n" in (await running.client.get("/broken/echo/")).text
+
+
+async def test_tenant_whose_policy_is_deleted_stops_being_served(workspace, start_supervisor):
+    """DESIGN.md: a tenant without a policy file is not served; deleting it is not an error."""
+    workspace.add_tenant("demo", {"/hello": "hello.wat"})
+    workspace.add_tenant("other", {"/hello": "hello.wat"})
+    running = await start_supervisor()
+
+    (workspace.policies / "demo.toml").unlink()
+    await until(running, "/demo/hello", says(404, "no tenant"))
+    assert "demo" not in running.app.registry.state.tenants
+    assert dict(running.app.registry.state.errors) == {}
+    assert (await running.client.get("/other/hello")).status_code == 200
+
+
+# SIGHUP -----------------------------------------------------------------------------------------
+
+
+async def test_sighup_reloads_a_change_the_file_poll_cannot_see(workspace):
+    """The server polls files by size, mtime and inode (every second in `serve`). The change
+    below keeps all three (same length, written in place, mtime put back), so only the forced
+    reload of SIGHUP can apply it: without SIGHUP handling, this test times out."""
+    folder = workspace.add_tenant("demo", {"/hello": "hello.wat"})
+    modules = folder / "modules.toml"
+    async with serve_process(workspace) as server, httpx.AsyncClient(base_url=server.url) as http:
+        assert (await http.get("/demo/hello")).status_code == 200
+
+        before = os.stat(modules)
+        modules.write_text(modules.read_text().replace('"/hello"', '"/howdy"'))
+        os.utime(modules, ns=(before.st_atime_ns, before.st_mtime_ns))
+        after = os.stat(modules)
+        assert (after.st_size, after.st_mtime_ns, after.st_ino) == (
+            before.st_size,
+            before.st_mtime_ns,
+            before.st_ino,
+        )
+
+        server.process.send_signal(signal.SIGHUP)
+        with trio.fail_after(CHANGE_TIMEOUT_S):
+            while (await http.get("/demo/howdy")).status_code != 200:
+                await trio.sleep(POLL_S)
+        assert (await http.get("/demo/hello")).status_code == 404
+    assert "SIGHUP: reloading" in server.log()
