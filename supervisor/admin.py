@@ -37,7 +37,7 @@ import logging
 import re
 import time
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -55,6 +55,7 @@ from .errors import (
     MethodNotAllowed,
     ModuleRejected,
     NotFound,
+    Rejected,
     RouteConflict,
     SupervisorError,
     Unauthorized,
@@ -77,6 +78,12 @@ DEFAULT_COMPILE_THREADS = 1
 """Uploads compiled at once. wasmtime already compiles a module's functions on every core, so
 a second compile adds memory (a 100 MB runtime peaks over 2 GB), not speed."""
 
+MAX_UPLOADS_IN_PROGRESS = 8
+"""Uploads between their first body byte and their answer. Each holds its body in memory (up
+to its tenant's `max_module_bytes`) while it waits to compile; past this, 503 + Retry-After."""
+UPLOAD_RETRY_AFTER_S = 5
+"""A compile takes seconds: a busy upload queue is worth retrying a few seconds later."""
+
 _JSON = (b"content-type", b"application/json")
 _QUERY_KEYS = frozenset({"route", "entrypoint", "argv", "volume"})
 _MAX_ENTRYPOINT_CHARS = 256
@@ -92,29 +99,6 @@ class TenantUsage:
 
 
 @dataclass(frozen=True, slots=True)
-class _Endpoint:
-    pattern: re.Pattern[str]
-    methods: Mapping[str, str]  # HTTP method -> AdminApi method name
-
-
-_TENANT = r"(?P<tenant>[^/]+)"
-_NAME = r"(?P<name>[^/]+)"
-_ENDPOINTS = tuple(
-    _Endpoint(re.compile(API_PREFIX + path), methods)
-    for path, methods in (
-        ("/openapi.json", {"GET": "_openapi"}),
-        (f"/tenants/{_TENANT}", {"GET": "_get_tenant"}),
-        (f"/tenants/{_TENANT}/modules", {"GET": "_list_modules"}),
-        (
-            f"/tenants/{_TENANT}/modules/{_NAME}",
-            {"GET": "_get_module", "PUT": "_put_module", "DELETE": "_delete_module"},
-        ),
-        (f"/tenants/{_TENANT}/modules/{_NAME}/rollback", {"POST": "_rollback"}),
-    )
-)
-
-
-@dataclass(frozen=True, slots=True)
 class _Call:
     """One admin request, parsed: which tenant and module it is about ("" when none)."""
 
@@ -122,6 +106,13 @@ class _Call:
     body: RequestBody
     tenant: str
     name: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Endpoint:
+    pattern: re.Pattern[str]
+    methods: Mapping[str, Callable[[AdminApi, _Call], Awaitable[Response]]]
+    public: bool = False  # answered without a token
 
 
 class AdminApi:
@@ -141,6 +132,7 @@ class AdminApi:
         self.authenticator = authenticator
         self.usage = usage
         self.compile_limiter = trio.CapacityLimiter(compile_threads)
+        self.uploads_in_progress = 0
         self._locks: dict[str, trio.Lock] = {}
         self._openapi_document = resources.files(__package__).joinpath("openapi.json").read_bytes()
 
@@ -150,16 +142,16 @@ class AdminApi:
         try:
             endpoint, match = _find_endpoint(request.path)
             method = "GET" if request.method == "HEAD" else request.method
-            handler_name = endpoint.methods.get(method)
-            if handler_name is None:
+            handler = endpoint.methods.get(method)
+            if handler is None:
                 allow = tuple(endpoint.methods)
                 raise MethodNotAllowed(f"{request.method} is not allowed here", allow=allow)
             params = {key: urllib.parse.unquote(value) for key, value in match.groupdict().items()}
-            if handler_name != "_openapi":
+            if not endpoint.public:
                 principal = self.authenticator.authenticate(_header(request, "authorization"))
                 self.authenticator.authorize(principal, params["tenant"])
             call = _Call(request, body, params.get("tenant", ""), params.get("name", ""))
-            response = await getattr(self, handler_name)(call)
+            response = await handler(self, call)
         except SupervisorError as error:
             response = _error_response(error)
         log.info(
@@ -233,6 +225,24 @@ class AdminApi:
         _check_route_free(tenant, settings.route, call.name)
         if existing is None and len(known.modules) >= policy.max_modules:
             raise Conflict(_over_max_modules(call.tenant, policy.max_modules))
+        if self.uploads_in_progress >= MAX_UPLOADS_IN_PROGRESS:
+            raise Rejected(
+                f"{MAX_UPLOADS_IN_PROGRESS} uploads are in progress; retry later",
+                status=503,
+                reason="uploads_busy",
+                retry_after=UPLOAD_RETRY_AFTER_S,
+            )
+        self.uploads_in_progress += 1
+        try:
+            return await self._receive_module(call, tenant, settings)
+        finally:
+            self.uploads_in_progress -= 1
+
+    async def _receive_module(
+        self, call: _Call, tenant: Tenant, settings: store.ModuleVersion
+    ) -> Response:
+        """Read, check, compile and commit an upload whose parameters passed."""
+        policy = tenant.policy
         source = await call.body.read(policy.max_module_bytes)
         binary = await trio.to_thread.run_sync(
             functools.partial(
@@ -339,6 +349,8 @@ class AdminApi:
         async with lock:
             manifest, changed = await trio.to_thread.run_sync(self._apply, tenant, change)
         if changed:
+            if self.registry.changes is not None:
+                self.registry.changes.bump()  # the pod's other workers reload on their next request
             state = await trio.to_thread.run_sync(self.registry.reload)
             if tenant in state.errors:
                 log.error("tenant %s did not load its new manifest: %s", tenant, state.errors)
@@ -376,6 +388,29 @@ class AdminApi:
         """`message` without the server's own paths (a tenant sees its files by name only)."""
         folder = str(self.registry.tenants_dir / tenant)
         return message.replace(folder + "/", "").replace(folder, "the tenant's folder")
+
+
+_TENANT = r"(?P<tenant>[^/]+)"
+_NAME = r"(?P<name>[^/]+)"
+_MODULE = f"/tenants/{_TENANT}/modules/{_NAME}"
+_ENDPOINTS = tuple(
+    _Endpoint(re.compile(API_PREFIX + path), methods, public)
+    for path, methods, public in (
+        ("/openapi.json", {"GET": AdminApi._openapi}, True),
+        (f"/tenants/{_TENANT}", {"GET": AdminApi._get_tenant}, False),
+        (f"/tenants/{_TENANT}/modules", {"GET": AdminApi._list_modules}, False),
+        (
+            _MODULE,
+            {
+                "GET": AdminApi._get_module,
+                "PUT": AdminApi._put_module,
+                "DELETE": AdminApi._delete_module,
+            },
+            False,
+        ),
+        (f"{_MODULE}/rollback", {"POST": AdminApi._rollback}, False),
+    )
+)
 
 
 def _find_endpoint(path: str) -> tuple[_Endpoint, re.Match[str]]:
@@ -517,4 +552,6 @@ def _error_response(error: SupervisorError) -> Response:
         headers.append((b"www-authenticate", CHALLENGE.encode()))
     elif isinstance(error, MethodNotAllowed):
         headers.append((b"allow", ", ".join(error.allow).encode()))
+    elif isinstance(error, Rejected):
+        headers.append((b"retry-after", str(error.retry_after).encode()))
     return _json(error.status, {"error": error.message, "status": error.status}, headers)

@@ -17,6 +17,15 @@ Waiters park with `trio.lowlevel.wait_task_rescheduled`, so the fast path alloca
 and waiting costs no more than trio's own `ParkingLot`. A waiter is removed from its queue by
 its abort function at the moment it is cancelled; a slot granted to a waiter cancelled in the
 same instant is released at once, which hands it to the next waiter.
+
+With `--workers N`, `pod` (pod_limits.py) makes `max_concurrency` hold for the whole pod: a
+tenant may run only while the sum over every worker process is below its cap. Another
+process's release wakes nobody here, so while requests wait, `poll_pod` rechecks every
+`POD_POLL_S` (a release in this process rechecks at once). A waiter blocked only by the pod
+keeps its place in this process's queue; between processes there is no order: whichever
+process rechecks first after a guest ends elsewhere takes the freed count. `max_queue`,
+`queue_timeout_ms`, the slots and the global queue stay per process. Without `pod` (one
+process) none of this runs: no lock, no poll.
 """
 
 from __future__ import annotations
@@ -27,15 +36,24 @@ import types
 from collections.abc import Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import trio
 
 from supervisor.errors import Rejected
 
+if TYPE_CHECKING:
+    from supervisor.pod_limits import PodCounters
+
 # Seconds a refused client is told to wait (`Retry-After`). Queue waits are bounded by
 # `queue_timeout_ms` (about a second by default), so a slot usually frees within one second;
 # HTTP's Retry-After has whole-second resolution (RFC 9110 §10.2.3), so 1 is the shortest hint.
 RETRY_AFTER_S = 1
+
+POD_POLL_S = 0.002
+"""How often waiters recheck the pod-wide counts: a trivial guest runs in ~0.1 ms, so a few ms
+is the most a guest ending in another process adds to a wait, at no more than 500 lock round
+trips a second per process, and only while requests wait."""
 
 
 class RejectReason(enum.StrEnum):
@@ -91,7 +109,7 @@ class _Tenant:
 class Admission:
     """Execution slots shared by all tenants, with per-tenant caps and fair queueing."""
 
-    def __init__(self, *, slots: int, global_queue: int) -> None:
+    def __init__(self, *, slots: int, global_queue: int, pod: PodCounters | None = None) -> None:
         if slots < 1:
             raise ValueError(f"slots must be at least 1, got {slots}")
         if global_queue < 0:
@@ -105,6 +123,8 @@ class Admission:
         self._ring: collections.OrderedDict[str, _Tenant] = collections.OrderedDict()
         # Every reason starts at 0 so its metric series exists before the first refusal.
         self._rejections = dict.fromkeys(RejectReason, 0)
+        self._pod = pod
+        self._waiter_arrived = trio.Event()  # wakes `poll_pod` from its idle wait
 
     def admit(self, tenant: str, limits: TenantLimits) -> AbstractAsyncContextManager[None]:
         """`async with admission.admit(t, limits):` runs holding one slot; raises `Rejected`."""
@@ -143,13 +163,33 @@ class Admission:
             if state.waiters:
                 # A raised cap may let this tenant's waiters run now (hot reload).
                 self._dispatch()
-        # No need to look for this tenant's waiters: by the invariant, any would have run.
-        if self._busy < self._slots and state.can_run():
+        # In one process, by the invariant, a tenant that can run has no waiters; with `pod`,
+        # waiters blocked by the pod-wide count go first.
+        if (
+            self._busy < self._slots
+            and state.can_run()
+            and not state.waiters
+            and self._pod_admits(state)
+        ):
             state.running += 1
             self._busy += 1
             return
         self._check_room(state)
         await self._wait(state, limits.queue_timeout_ms)
+
+    def _pod_admits(self, state: _Tenant) -> bool:
+        """Whether the pod-wide count lets the tenant run one more (counted if so)."""
+        pod = self._pod
+        return pod is None or pod.try_acquire(state.name, state.limits.max_concurrency)
+
+    async def poll_pod(self) -> None:
+        """With `pod`: while requests wait, hand them what other processes freed."""
+        while True:
+            if not self._waiting:
+                self._waiter_arrived = trio.Event()
+                await self._waiter_arrived.wait()
+            await trio.sleep(POD_POLL_S)
+            self._dispatch()
 
     def _check_room(self, state: _Tenant) -> None:
         """Refuse a request that would have to wait when there is no room to wait."""
@@ -169,6 +209,8 @@ class Admission:
         self._waiting += 1
         if state.name not in self._ring:
             self._ring[state.name] = state
+        if self._pod is not None:
+            self._waiter_arrived.set()
 
         def abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
             # Runs only while the task is still parked, hence still in its queue.
@@ -195,6 +237,8 @@ class Admission:
         state = self._tenants[tenant]
         state.running -= 1
         self._busy -= 1
+        if self._pod is not None:
+            self._pod.release(tenant)
         self._dispatch()
         self._forget_if_idle(state)
 
@@ -202,7 +246,7 @@ class Admission:
         """Hand free slots to waiters, round robin over tenants below their cap."""
         while self._busy < self._slots:
             for state in self._ring.values():
-                if state.can_run():
+                if state.can_run() and self._pod_admits(state):
                     break
             else:
                 return

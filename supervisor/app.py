@@ -17,7 +17,7 @@ from pathlib import Path
 
 import trio
 
-from . import server
+from . import server, store
 from .admin import DEFAULT_COMPILE_THREADS, AdminApi
 from .admission import Admission
 from .auth import Authenticator
@@ -25,6 +25,7 @@ from .gateway import Gateway
 from .guest_threads import GuestThreads
 from .metrics import Metrics
 from .modules import ArtifactCache
+from .pod_limits import PodCounters
 from .sandbox import Sandbox
 from .tenants import WATCH_INTERVAL_S, TenantRegistry
 
@@ -73,11 +74,23 @@ class RunningApp:
     shutdown: trio.Event
 
 
-async def run(config: AppConfig, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Serve until SIGTERM/SIGINT (or `shutdown` is set), then drain and return."""
+async def run(
+    config: AppConfig,
+    *,
+    listeners: list[trio.SocketListener] | None = None,
+    metrics_listeners: list[trio.SocketListener] | None = None,
+    pod: PodCounters | None = None,
+    task_status=trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve until SIGTERM/SIGINT (or `shutdown` is set), then drain and return.
+
+    A worker of `serve --workers N` (workers.py) passes the sockets its supervisor bound (the
+    serving port; a private socket for its `/metrics`) and the pod-wide tenant counts.
+    """
     with Sandbox(max_instances=2 * config.slots + LOADING_INSTANCES) as sandbox:
         cache = ArtifactCache(config.cache_dir, sandbox.engine, sandbox.settings)
-        registry = TenantRegistry(config.tenants_dir, config.policies_dir, sandbox, cache)
+        changes = store.open_change_counter(config.cache_dir)  # shared by the pod's workers
+        registry = TenantRegistry(config.tenants_dir, config.policies_dir, sandbox, cache, changes)
         started = time.perf_counter()
         state = await trio.to_thread.run_sync(registry.reload)
         log.info(
@@ -89,7 +102,7 @@ async def run(config: AppConfig, *, task_status=trio.TASK_STATUS_IGNORED) -> Non
             cache.hits,
             len(state.errors),
         )
-        admission = Admission(slots=config.slots, global_queue=config.global_queue)
+        admission = Admission(slots=config.slots, global_queue=config.global_queue, pod=pod)
         guest_threads = GuestThreads(config.slots)
         metrics = Metrics(admission, registry, tenants=config.metrics_tenants)
         gateway = Gateway(registry, sandbox, admission, guest_threads, metrics)
@@ -104,10 +117,11 @@ async def run(config: AppConfig, *, task_status=trio.TASK_STATUS_IGNORED) -> Non
             gateway.usage,
             compile_threads=config.compile_threads,
         ).handle
-        listeners = await server.open_listeners(config.host, config.port)
+        if listeners is None:
+            listeners = await server.open_listeners(config.host, config.port)
         port = server.bound_port(listeners)
-        metrics_listeners = metrics_port = None
-        if config.metrics_port is not None:
+        metrics_port = None
+        if metrics_listeners is None and config.metrics_port is not None:
             metrics_listeners = await server.open_listeners(
                 config.metrics_host, config.metrics_port
             )
@@ -117,6 +131,8 @@ async def run(config: AppConfig, *, task_status=trio.TASK_STATUS_IGNORED) -> Non
             if config.handle_signals:
                 nursery.start_soon(_handle_signals, registry, shutdown)
             nursery.start_soon(registry.watch, config.watch_interval_s)
+            if pod is not None:
+                nursery.start_soon(admission.poll_pod)
             if metrics_listeners is not None:
                 # Its own shutdown event, never set: /metrics keeps answering while the
                 # serving port drains, and stops with the nursery below.
@@ -129,7 +145,8 @@ async def run(config: AppConfig, *, task_status=trio.TASK_STATUS_IGNORED) -> Non
                         shutdown=trio.Event(),
                     )
                 )
-                log.info("metrics on http://%s:%d/metrics", config.metrics_host, metrics_port)
+                if metrics_port is not None:
+                    log.info("metrics on http://%s:%d/metrics", config.metrics_host, metrics_port)
             async with trio.open_nursery() as serving:
                 await serving.start(
                     functools.partial(

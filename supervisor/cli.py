@@ -18,7 +18,7 @@ from pathlib import Path
 
 import trio
 
-from . import __version__, admin, app, client, metrics, policies, server
+from . import __version__, admin, app, client, metrics, policies, server, workers
 from .auth import operator_token_sha256
 from .errors import ConfigError
 
@@ -165,13 +165,31 @@ def build_parser() -> argparse.ArgumentParser:
                 "help": "admin uploads compiled at once",
             },
         ),
+        (
+            "workers",
+            {
+                "type": _positive_int,
+                "default": str(workers.default_workers()),
+                "help": "worker processes (default: the CPUs this process may use); 1: one"
+                " process, no supervisor",
+            },
+        ),
         ("log-format", {"choices": ["text", "json"], "default": "text"}),
         ("log-level", {"default": "info"}),
     ]
+    # Internal: one worker process of `serve --workers N`, started by its supervisor with the
+    # same serve arguments plus the file descriptors it inherits (workers.Handoff).
+    worker = commands.add_parser("worker")
     for flag, spec in options:
         spec = dict(spec)
         spec["default"] = _env_default(flag, spec["default"])
         serve.add_argument(f"--{flag}", **spec)
+        worker.add_argument(f"--{flag}", **spec)
+    worker.add_argument("--listen-fd", type=int, action="append", required=True)
+    worker.add_argument("--metrics-fd", type=int)
+    for flag in ("ready-fd", "parent-fd", "pod-column"):
+        worker.add_argument(f"--{flag}", type=int, required=True)
+    worker.add_argument("--pod-counters", type=Path, required=True)
 
     policy = commands.add_parser("policy", help="policy tools")
     policy_commands = policy.add_subparsers(dest="policy_command", required=True)
@@ -184,27 +202,63 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if args.command == "serve":
-        return _serve(args)
+        return _serve(args, argv[argv.index("serve") + 1 :])
+    if args.command == "worker":
+        return _worker(args)
     if args.command in client.COMMANDS:
         return client.run_command(args)
     return _policy_check(args.policies)
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _serve(args: argparse.Namespace, serve_args: list[str]) -> int:
+    """`serve_args`: the command line after `serve`, which the workers are started with."""
     configure_logging(args.log_format, args.log_level)
+    config = _app_config(args)
+    if config is None:
+        return 2
+    try:
+        if args.workers > 1:
+            return trio.run(workers.supervise, config, args.workers, serve_args)
+        trio.run(app.run, config)
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    configure_logging(args.log_format, args.log_level)
+    config = _app_config(args)
+    if config is None:
+        return 2
+    handoff = workers.Handoff(
+        listen_fds=tuple(args.listen_fd),
+        metrics_fd=args.metrics_fd,
+        ready_fd=args.ready_fd,
+        parent_fd=args.parent_fd,
+        pod_counters=args.pod_counters,
+        pod_column=args.pod_column,
+    )
+    workers.run_worker(config, handoff)
+    return 0
+
+
+def _app_config(args: argparse.Namespace) -> app.AppConfig | None:
+    """The configuration `serve` arguments describe; None (reason printed) if it is invalid."""
     host, port = args.listen
     metrics_host, metrics_port = args.metrics_listen
     if args.cache.resolve().is_relative_to(args.tenants.resolve()):
         print("error: --cache must not be inside --tenants (tenants write there)", file=sys.stderr)
-        return 2
+        return None
     try:
         admin_token_sha256 = operator_token_sha256(args.admin_token_file, os.environ)
     except (OSError, ValueError) as exc:
         print(f"error: admin token: {exc}", file=sys.stderr)
-        return 2
-    config = app.AppConfig(
+        return None
+    return app.AppConfig(
         host=host,
         port=port,
         tenants_dir=args.tenants,
@@ -219,12 +273,6 @@ def _serve(args: argparse.Namespace) -> int:
         admin_token_sha256=admin_token_sha256,
         compile_threads=args.compile_threads,
     )
-    try:
-        trio.run(app.run, config)
-    except OSError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
 
 
 def _policy_check(directory: Path) -> int:

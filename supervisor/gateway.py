@@ -77,6 +77,8 @@ class Gateway:
         tenant_name = route = "-"
         fuel_used = memory_bytes = 0
         try:
+            if self.registry.behind():  # another worker of the pod committed an admin change
+                await self.registry.catch_up()
             resolved = self._resolve(request)
             tenant_name = resolved.tenant.name
             route = resolved.match.route.pattern

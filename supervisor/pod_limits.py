@@ -1,13 +1,13 @@
 """Pod-wide running counts per tenant, shared by the worker processes of one supervisor.
 
 Admission (admission.py) caps a tenant's running guests per process; with `--workers N` the
-cap must hold for the pod, or a tenant with `max_concurrency = 4` could run 4 × N guests. The
+cap must hold for the pod, or a tenant with `max_concurrency = 4` could run 4 x N guests. The
 supervisor creates one small file (`PodCounters.create`), maps it into every worker
 (`PodCounters(path, column)`) and gives each worker its own *column*:
 
     header      magic, columns, capacity
-    keys        capacity × u64   a tenant's 64-bit name hash; 0 = free entry
-    counts      capacity × columns × i32   guests running, per tenant and per column
+    keys        capacity x u64   a tenant's 64-bit name hash; 0 = free entry
+    counts      capacity x columns x i32   guests running, per tenant and per column
 
 A tenant's pod-wide count is the sum of its row. Each process writes only its own column, so
 when a worker dies the supervisor zeroes that column (`clear_column`) and no count leaks;
@@ -56,9 +56,10 @@ def _tenant_key(tenant: str) -> int:
 
 
 class PodCounters:
-    """One process's view of the shared table; `column` is the one it writes."""
+    """One process's view of the shared table; `column` is the one it writes (a worker's), or
+    None for the supervisor, which only clears the columns of workers that exited."""
 
-    def __init__(self, path: Path, column: int) -> None:
+    def __init__(self, path: Path, column: int | None) -> None:
         self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         try:
             size = os.fstat(self._fd).st_size
@@ -67,7 +68,7 @@ class PodCounters:
             os.close(self._fd)
             raise
         magic, self.columns, self.capacity = _HEADER.unpack_from(self._map)
-        if magic != MAGIC or not 0 <= column < self.columns:
+        if magic != MAGIC or (column is not None and not 0 <= column < self.columns):
             self.close()
             raise ValueError(f"{path} is not a pod counter file with column {column}")
         self.column = column

@@ -26,7 +26,11 @@ Manifest format (version 1):
 where a version is `{sha256, size, route, entrypoint, argv, volumes, uploaded_at,
 compile_s}`. `deleted` keeps what DELETE removed, so a rollback can bring it back.
 
-Everything here blocks: call it from a worker thread.
+The processes of one pod (`serve --workers N`) learn of each other's commits at once through
+a `ChangeCounter`, a shared mapped file that the admin API bumps after each commit; other pods
+see the folder change on their next poll.
+
+Everything here blocks (but `ChangeCounter.value`): call it from a worker thread.
 """
 
 from __future__ import annotations
@@ -36,8 +40,11 @@ import dataclasses
 import fcntl
 import hashlib
 import json
+import logging
+import mmap
 import os
 import re
+import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -51,26 +58,34 @@ from .modules import _fsync_directory, _write_atomically
 from .routing import RouteError, validate_pattern
 
 __all__ = [
+    "CHANGES_FILE",
     "LOCK_FILE",
     "MANIFEST_FILE",
     "MODULES_DIR",
     "MODULE_NAME_RE",
+    "ChangeCounter",
     "Manifest",
     "ModuleRecord",
     "ModuleVersion",
     "collect_garbage",
     "manifest_lock",
     "module_path",
+    "open_change_counter",
     "read_manifest",
     "store_module",
     "utc_now",
     "write_manifest",
 ]
 
+log = logging.getLogger("supervisor.store")
+
 MANIFEST_FILE = "manifest.json"
 MODULES_DIR = "modules"
 LOCK_FILE = ".manifest.lock"
 MANIFEST_FORMAT = 1
+CHANGES_FILE = "admin-changes"
+"""The `ChangeCounter` file, in the compiled-artifact cache folder: every process of a pod
+shares that folder, and tenants can never write it."""
 
 MODULE_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 """A named module: safe in a URL path segment and a file name, never hidden, never `..`."""
@@ -216,9 +231,10 @@ def read_manifest(tenant_dir: Path) -> Manifest:
             name: _parse_record(entry, source=source, key=f"{section}.{name}")
             for name, entry in entries.items()
         }
-    for name in sections["modules"]:
-        if not MODULE_NAME_RE.fullmatch(name):
-            raise ConfigError(source, f"modules.{name}", "not a valid module name")
+    for section, records in sections.items():
+        for name in records:
+            if not MODULE_NAME_RE.fullmatch(name):
+                raise ConfigError(source, f"{section}.{name}", "not a valid module name")
     return Manifest(sections["modules"], sections["deleted"])
 
 
@@ -337,3 +353,45 @@ def manifest_lock(tenant_dir: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock
+
+
+class ChangeCounter:
+    """How many admin changes the processes of this pod committed, in one shared mapped page.
+
+    The admin API bumps it after a commit; a process that sees it move reloads before it
+    serves its next request, so every worker serves an upload at once, not at its next poll.
+    Reading it is a memory load (no system call), cheap enough for every request. Lost
+    increments (two processes bumping at once) do not matter: any movement means "reload".
+    """
+
+    _VALUE = struct.Struct("<Q")
+
+    def __init__(self, path: Path) -> None:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            if os.fstat(fd).st_size < self._VALUE.size:
+                os.ftruncate(fd, self._VALUE.size)
+            self._map = mmap.mmap(fd, self._VALUE.size)
+        finally:
+            os.close(fd)  # the mapping keeps the file
+
+    def value(self) -> int:
+        return self._VALUE.unpack_from(self._map)[0]
+
+    def bump(self) -> None:
+        self._VALUE.pack_into(self._map, 0, (self.value() + 1) % 2**64)
+
+    def close(self) -> None:
+        self._map.close()
+
+
+def open_change_counter(folder: Path) -> ChangeCounter | None:
+    """The pod's change counter in `folder`; None (the other workers then poll) if it can't be."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        return ChangeCounter(folder / CHANGES_FILE)
+    except OSError as exc:
+        log.warning(
+            "no change counter in %s (%s): workers see uploads at their next poll", folder, exc
+        )
+        return None

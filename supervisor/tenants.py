@@ -163,12 +163,20 @@ class TenantRegistry:
     """Loads tenants from two folders and keeps `state` current; reads are lock-free."""
 
     def __init__(
-        self, tenants_dir: Path, policies_dir: Path, sandbox: Sandbox, cache: ArtifactCache
+        self,
+        tenants_dir: Path,
+        policies_dir: Path,
+        sandbox: Sandbox,
+        cache: ArtifactCache,
+        changes: store.ChangeCounter | None = None,
     ) -> None:
         self.tenants_dir = tenants_dir
         self.policies_dir = policies_dir
         self.sandbox = sandbox
         self.cache = cache
+        self.changes = changes  # the pod's admin change counter (store.py), if any
+        self._changes_seen = changes.value() if changes is not None else 0
+        self._catching_up = trio.Lock()
         self.state: RegistryState = EMPTY_STATE
         self.reload_errors = 0  # failed loads since start (a counter for metrics)
         self._fingerprints: dict[str, tuple] = {}
@@ -195,6 +203,17 @@ class TenantRegistry:
         with self._lock:
             return self._reload(force)
 
+    def behind(self) -> bool:
+        """True when another process of the pod committed an admin change since the last
+        reload began (one memory read: the gateway asks on every request)."""
+        return self.changes is not None and self.changes.value() != self._changes_seen
+
+    async def catch_up(self) -> None:
+        """Reload now, once for all the requests that found the registry `behind`."""
+        async with self._catching_up:
+            if self.behind():
+                await trio.to_thread.run_sync(self.reload)
+
     async def watch(self, interval_s: float = WATCH_INTERVAL_S) -> None:
         """Poll for changed files forever (cancel to stop)."""
         while True:
@@ -206,11 +225,14 @@ class TenantRegistry:
 
     def _reload(self, force: bool) -> RegistryState:
         old = self.state
+        if self.changes is not None:  # before any file is read: a later change moves it again
+            self._changes_seen = self.changes.value()
         policy_set = self._load_policies(force)
         errors: dict[str, str] = {name: error.message for name, error in policy_set.errors.items()}
         defaults_broken = policies.DEFAULTS_FILE in policy_set.errors
         tenants: dict[str, Tenant] = {}
         fingerprints: dict[str, tuple] = {}
+        rebuilt = False
         names = set(policy_set.policies) | {
             name for name in old.tenants if f"{name}.toml" in policy_set.errors
         }
@@ -239,6 +261,7 @@ class TenantRegistry:
                 tenant = self._load_tenant(name, policy)
                 tenants[name] = tenant
                 fingerprints[name] = before + self._fingerprint(name, tenant.modules)[len(before) :]
+                rebuilt = True
             except SupervisorError as exc:
                 errors[name] = exc.message
                 if previous is not None:
@@ -248,6 +271,8 @@ class TenantRegistry:
             if old.errors.get(name) != message:
                 self.reload_errors += 1
                 log.error("configuration error, last good state kept: %s", message)
+        if rebuilt:
+            self._forget_unused(tenants)
         exact, wildcard = self._host_maps(tenants, errors)
         self._fingerprints = fingerprints
         self.state = RegistryState(
@@ -257,6 +282,24 @@ class TenantRegistry:
             MappingProxyType(errors),
         )
         return self.state
+
+    def _forget_unused(self, tenants: Mapping[str, Tenant]) -> None:
+        """Drop cached modules no tenant serves any more.
+
+        Every upload adds a version, and a compiled module keeps its machine code mapped: the
+        caches must not outlive what is served. (`list(...)` snapshots the keys: an upload's
+        dry run may add entries from another thread meanwhile.)
+        """
+        live = {
+            route.target.sha256 for tenant in tenants.values() for route in tenant.routes.routes
+        }
+        for by_sha in (self._prepared, self._routes_output):
+            for sha in list(by_sha):
+                if sha not in live:
+                    by_sha.pop(sha, None)
+        for key, module in list(self._file_digests.items()):
+            if module.sha256 not in live:
+                self._file_digests.pop(key, None)
 
     def _load_policies(self, force: bool) -> policies.PolicySet:
         """The policy folder, parsed again only when a file in it changed.

@@ -19,6 +19,7 @@ import trio
 from conftest import GUESTS, Running, Workspace
 
 from supervisor import cli, store
+from supervisor.admin import MAX_UPLOADS_IN_PROGRESS, UPLOAD_RETRY_AFTER_S
 from supervisor.auth import token_sha256
 from supervisor.client import AdminClient, Progress
 
@@ -432,6 +433,42 @@ async def test_a_content_length_over_max_module_bytes_is_refused_before_the_body
     assert answer.startswith(b"HTTP/1.1 413 ")  # no "100 Continue": the body never comes
 
 
+async def test_uploads_waiting_for_their_body_are_bounded_then_503_with_retry_after(
+    workspace, start_supervisor
+):
+    """Bodies are held in memory until compiled, so only MAX_UPLOADS_IN_PROGRESS uploads are
+    taken at once; here slow clients hold every place by never finishing their body."""
+    admin_tenant(workspace, "acme")
+    running = await start_admin(start_supervisor)
+    head = (
+        f"PUT {module_url('acme', 'slow')}?route=/slow HTTP/1.1\r\nhost: x\r\n"
+        f"authorization: Bearer {OPERATOR_TOKEN}\r\ntransfer-encoding: chunked\r\n\r\n"
+        "4\r\n\0asm\r\n"
+    )
+    slow = []
+    try:
+        for _ in range(MAX_UPLOADS_IN_PROGRESS):
+            stream = await trio.open_tcp_stream("127.0.0.1", running.app.port)
+            slow.append(stream)
+            await stream.send_all(head.encode())
+        with trio.fail_after(10):
+            while True:  # until the server has taken all the slow ones in
+                busy = await upload(running.client, "acme", "quick", HELLO, route="/quick")
+                if busy.status_code == 503:
+                    break
+                assert busy.status_code in (200, 201)
+        assert busy.headers["retry-after"] == str(UPLOAD_RETRY_AFTER_S)
+        assert "uploads are in progress" in error_of(busy)
+    finally:
+        for stream in slow:
+            await stream.aclose()
+    with trio.fail_after(10):
+        while (
+            await upload(running.client, "acme", "after", HELLO, route="/after")
+        ).status_code == 503:
+            await trio.sleep(0.01)
+
+
 # Auth: operator, own tenant, other tenant, no token, wrong token.
 
 
@@ -512,20 +549,22 @@ async def test_concurrent_uploads_to_one_tenant_leave_a_consistent_manifest(
     admin_tenant(workspace, "acme")
     running = await start_admin(start_supervisor)
     answers: dict[str, httpx.Response] = {}
+    versions = 3
+    distinct = MAX_UPLOADS_IN_PROGRESS - versions  # all of them in progress at once
 
     async def send(name: str, text: str) -> None:
         route = f"/{name}"
         answers[text] = await upload(running.client, "acme", name, greeter(text), route=route)
 
     async with trio.open_nursery() as nursery:
-        for index in range(6):
+        for index in range(distinct):
             nursery.start_soon(send, f"m{index}", f"text {index}")
-        for index in range(4):  # four versions of one module at once
+        for index in range(versions):  # versions of one module at once
             nursery.start_soon(send, "same", f"same {index}")
     assert {answer.status_code for answer in answers.values()} == {201}
     manifest = store.read_manifest(workspace.tenants / "acme")
-    assert set(manifest.modules) == {f"m{index}" for index in range(6)} | {"same"}
-    for index in range(6):
+    assert set(manifest.modules) == {f"m{index}" for index in range(distinct)} | {"same"}
+    for index in range(distinct):
         assert (await running.client.get(f"/acme/m{index}")).text == f"text {index}\n"
     # The versions of "same" form one history: the last one served, the one before it kept.
     same = manifest.modules["same"]

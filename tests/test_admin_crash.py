@@ -30,7 +30,8 @@ KILL_WINDOW_S = 0.08
 """The kill lands uniformly in this window after the uploads start: a round's uploads take
 about as long, so kills fall before, inside and after the commits."""
 SEED = 20_260_101
-SERVE_ARGS = ["--metrics-listen", "127.0.0.1:0"]
+SERVE_ARGS = ["--metrics-listen", "127.0.0.1:0", "--workers", "1"]
+"""One process: the kill -9 hits the very process that writes (workers would outlive it)."""
 SERVE_ENV = {"SUPERVISOR_ADMIN_TOKEN": OPERATOR_TOKEN}
 
 

@@ -1,17 +1,30 @@
 """Two servers on one tenants folder, as two pods on a ReadWriteMany volume: what one is told
-through the admin API, the other serves within 2 seconds, without a restart.
+through the admin API, the other serves within 2 seconds, without a restart. And within one
+pod (`serve --workers 2`), every worker serves an upload from the very next request.
 
-Both servers run in this process (their own registry, engine, locks and caches); only the
-folders are shared, like pods sharing a volume. The second pod polls at the production
-interval (`WATCH_INTERVAL_S`), so the 2-second bound is the one a deployment gets.
+The pods run in this process (their own registry, engine, locks and caches); only the folders
+are shared, like pods sharing a volume. The second pod polls at the production interval
+(`WATCH_INTERVAL_S`), so the 2-second bound is the one a deployment gets.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
+import httpx
 import trio
-from test_admin import OPERATOR, admin_tenant, greeter, module_url, start_admin, upload
+from test_admin import (
+    OPERATOR,
+    OPERATOR_TOKEN,
+    admin_tenant,
+    greeter,
+    module_url,
+    start_admin,
+    upload,
+)
+from test_lifecycle import serve_process
 
 from supervisor import store
 from supervisor.tenants import WATCH_INTERVAL_S
@@ -19,6 +32,8 @@ from supervisor.tenants import WATCH_INTERVAL_S
 PROPAGATION_S = 2.0
 """What the issue promises: another pod serves a change within this."""
 POLL_S = 0.02
+CONNECTIONS_PER_TRY = 16
+"""Connections opened at once to find one accepted by each worker."""
 
 
 async def served_within(client, path: str, expected: str | int) -> float:
@@ -91,3 +106,50 @@ async def test_with_a_shared_artifact_cache_the_other_pod_never_compiles(
     await served_within(pod_b.client, "/acme/m", "shared\n")
     cache_b = pod_b.app.registry.cache
     assert (cache_b.misses, cache_b.hits) == (0, 1)
+
+
+async def test_every_worker_of_a_pod_serves_an_upload_from_the_next_request(workspace):
+    """A kept-alive connection stays with the worker that accepted it: with one connection to
+    each worker, both must answer with the new version right after the 201 (their poll of
+    the folder is up to a second away)."""
+    admin_tenant(workspace, "acme")
+    extra = ["--workers", "2", "--metrics-listen", "127.0.0.1:0"]
+    env = {"SUPERVISOR_ADMIN_TOKEN": OPERATOR_TOKEN}
+    async with (
+        serve_process(workspace, extra=extra, env=env) as server,
+        connection_per_worker(server.url, workers=2) as clients,
+    ):
+        for version in range(4):
+            text = f"version {version}"
+            response = await upload(clients[0], "acme", "m", greeter(text), route="/m")
+            assert response.status_code == 201
+            for client in clients:
+                assert (await client.get("/acme/m")).text == text + "\n"
+
+
+@asynccontextmanager
+async def connection_per_worker(url: str, *, workers: int) -> AsyncIterator[list]:
+    """One single-connection client per worker, found by opening connections at once until
+    each worker has accepted one (a request id starts with its worker's own prefix)."""
+    clients: list[httpx.AsyncClient] = []
+    by_worker: dict[str, httpx.AsyncClient] = {}
+
+    async def probe(client: httpx.AsyncClient) -> None:
+        response = await client.get("/healthz")
+        by_worker.setdefault(response.headers["x-request-id"][:8], client)
+
+    try:
+        with trio.fail_after(PROPAGATION_S * 5):
+            while len(by_worker) < workers:
+                batch = [
+                    httpx.AsyncClient(base_url=url, limits=httpx.Limits(max_connections=1))
+                    for _ in range(CONNECTIONS_PER_TRY)
+                ]
+                clients += batch
+                async with trio.open_nursery() as nursery:
+                    for client in batch:
+                        nursery.start_soon(probe, client)
+        yield list(by_worker.values())
+    finally:
+        for client in clients:
+            await client.aclose()

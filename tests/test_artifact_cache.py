@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -64,7 +65,7 @@ def assert_artifact_matches_record(cache: ArtifactCache) -> None:
     data = artifact.read_bytes()
     assert json.loads(record.read_bytes()) == {
         "size": len(data),
-        "sha256": hashlib.sha256(data).hexdigest(),
+        "crc32": zlib.crc32(data),
     }
 
 
@@ -149,8 +150,9 @@ RECORD_DAMAGE: dict[str, tuple[bytes | None, int]] = {
     "garbage": (b"\x00\xffnot json", 1),
     "empty": (b"", 1),
     "not an object": (b"[1, 2]", 1),
-    "wrong types": (b'{"size": "big", "sha256": 7}', 1),
-    "a digest that lies": (json.dumps({"size": 0, "sha256": "0" * 64}).encode(), 1),
+    "wrong types": (b'{"size": "big", "crc32": "x"}', 1),
+    "a checksum that lies": (json.dumps({"size": 0, "crc32": 12345}).encode(), 1),
+    "an older record format": (json.dumps({"size": 0, "sha256": "0" * 64}).encode(), 1),
 }
 
 
