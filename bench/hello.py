@@ -35,6 +35,10 @@ def supervisor_argv(port: int, cache: str) -> list[str]:
         "policies",
         "--cache",
         cache,
+        "--workers",
+        "1",
+        "--metrics-listen",
+        "127.0.0.1:0",
         "--log-level",
         "warning",
     ]

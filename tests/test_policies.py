@@ -461,7 +461,7 @@ def test_committed_policies_validate() -> None:
     assert demo.timeout_ms == 1000
     assert demo.memory_bytes == 32 * 1024 * 1024
     assert dict(demo.env) == {"GREETING": "hello from wasm-supervisor"}
-    assert dict(demo.volumes) == {"/static": "static"}
+    assert dict(demo.volumes) == {}  # site.wat's volume is its own, in modules.toml
 
 
 def test_committed_defaults_file_shows_every_limit_with_its_built_in_value() -> None:
