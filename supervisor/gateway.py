@@ -88,35 +88,32 @@ class Gateway:
             response, outcome = respond(run)
         except SupervisorError as error:
             response, outcome = error_response(error), error.outcome
-        access_log.info(
-            "%s %s %s %s %d %s %.1fms fuel=%d",
-            request.request_id,
-            tenant_name,
-            request.method,
-            route,
-            response.status,
-            outcome,
-            (time.perf_counter() - started) * 1000,
-            fuel_used,
-            extra={
-                "request_id": request.request_id,
-                "tenant": tenant_name,
-                "method": request.method,
-                "path": request.path,
-                "route": route,
-                "status": response.status,
-                "outcome": str(outcome),
-                "duration_ms": round((time.perf_counter() - started) * 1000, 3),
-                "fuel_used": fuel_used,
-            },
-        )
+        duration_s = time.perf_counter() - started
+        if access_log.isEnabledFor(logging.INFO):  # the record costs more than the check
+            access_log.info(
+                "%s %s %s %s %d %s %.1fms fuel=%d",
+                request.request_id,
+                tenant_name,
+                request.method,
+                route,
+                response.status,
+                outcome,
+                duration_s * 1000,
+                fuel_used,
+                extra={
+                    "request_id": request.request_id,
+                    "tenant": tenant_name,
+                    "method": request.method,
+                    "path": request.path,
+                    "route": route,
+                    "status": response.status,
+                    "outcome": str(outcome),
+                    "duration_ms": round(duration_s * 1000, 3),
+                    "fuel_used": fuel_used,
+                },
+            )
         self.metrics.observe_request(
-            tenant_name,
-            response.status,
-            outcome,
-            time.perf_counter() - started,
-            fuel_used,
-            memory_bytes,
+            tenant_name, response.status, outcome, duration_s, fuel_used, memory_bytes
         )
         if tenant_name != "-":
             usage = self.usage.get(tenant_name)
