@@ -252,3 +252,28 @@ async def test_merged_metrics_are_valid_and_add_up_both_workers(workspace: Works
             [PROMTOOL, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30
         )
         assert result.returncode == 0, result.stdout + result.stderr
+
+
+def allowed_cpus(pid: int) -> set[str]:
+    """The CPU lists of every thread of a process (`Cpus_allowed_list` in /proc)."""
+    lists = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for line in (task / "status").read_text().splitlines():
+            if line.startswith("Cpus_allowed_list:"):
+                lists.add(line.split(":", 1)[1].strip())
+    return lists
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs to pin 2 workers")
+async def test_with_a_cpu_per_worker_each_worker_and_all_its_threads_keep_to_one_cpu(
+    workspace: Workspace,
+) -> None:
+    workspace.add_tenant("demo", {"/hello": "hello.wat"})
+    async with (
+        serve_process(workspace, extra=TWO_WORKERS) as server,
+        httpx.AsyncClient(base_url=server.url, limits=NO_KEEP_ALIVE) as http,
+    ):
+        await until_both_workers_answer(http, "/demo/hello")  # every thread has started
+        cpus = sorted(os.sched_getaffinity(0))
+        pinned = [allowed_cpus(pid) for pid in sorted(worker_pids(server))]
+    assert sorted(pinned, key=sorted) == sorted([{str(cpus[0])}, {str(cpus[1])}], key=sorted)
