@@ -98,6 +98,12 @@ LINGER_TIMEOUT_S = 2.0
 # of a cancel scope per wait: a trio CancelScope costs ~5 µs, a tenth of a hello request.
 IDLE_SWEEP_S = 0.5
 
+# When shutdown begins, a connection that was accepted but has not yet sent its first request
+# gets this long to send it (answered with `Connection: close`) instead of being closed at
+# once: its client connected before we stopped listening and cannot know to retry.
+FIRST_REQUEST_GRACE_S = 1.0
+DRAIN_SWEEP_S = 0.05  # while draining, shutdown waits on the sweeper: check more often
+
 # accept() fails with these when the process or kernel is out of descriptors or memory; like
 # trio's serve_listeners, wait this long and retry, since closing connections free some.
 ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
@@ -288,19 +294,25 @@ class _Server:
             await trio.aclose_forcefully(stream)
 
     async def sweep_idle(self) -> None:
-        """Close connections idle past their deadline."""
+        """Close connections idle past their deadline (while draining: until none is idle)."""
         while True:
-            await trio.sleep(IDLE_SWEEP_S)
+            if self.closing and not self.idle:
+                return
+            await trio.sleep(DRAIN_SWEEP_S if self.closing else IDLE_SWEEP_S)
             now = trio.current_time()
             for conn in self.idle:
                 if conn.idle_deadline <= now:
                     conn.scope.cancel()
 
     def begin_shutdown(self) -> None:
-        """Close idle connections now; busy ones close after their response."""
+        """Close idle connections now (new ones soon); busy ones close after their response."""
         self.closing = True
+        grace_deadline = trio.current_time() + FIRST_REQUEST_GRACE_S
         for conn in self.idle:
-            conn.scope.cancel()
+            if conn.fresh:
+                conn.idle_deadline = min(conn.idle_deadline, grace_deadline)
+            else:
+                conn.scope.cancel()
         open_count = self.config.max_connections - self.slots.value
         log.info("shutting down: %d connection(s) open, %d idle", open_count, len(self.idle))
 
@@ -312,6 +324,7 @@ class _Connection:
         "accepted_at",
         "buffered",
         "client_addr",
+        "fresh",
         "h11",
         "idle_deadline",
         "scope",
@@ -326,6 +339,7 @@ class _Connection:
         self.server_port = server_port
         self.h11 = _new_h11(server.config)
         self.buffered = False  # whether h11 holds bytes of a request not yet parsed
+        self.fresh = True  # no request read yet
         self.client_addr = _peer_ip(stream)
         self.accepted_at = trio.current_time()
         self.idle_deadline = self.accepted_at
@@ -346,6 +360,7 @@ class _Connection:
                 await self._send_error(exc.error_status_hint)
                 await self._linger()
                 return
+            self.fresh = False
             if not await self._exchange(request, body, keep_alive):
                 return
             first = False
@@ -380,8 +395,10 @@ class _Connection:
     async def _receive_idle(self, deadline: float) -> bool:
         """Wait for the first bytes of a request; False on EOF, or closed while idle."""
         server = self.server
-        if server.closing:
+        if server.closing and not self.fresh:
             return False
+        if server.closing:
+            deadline = min(deadline, trio.current_time() + FIRST_REQUEST_GRACE_S)
         self.idle_deadline = deadline
         server.idle.add(self)
         try:
@@ -635,6 +652,7 @@ async def serve(
                 acceptors.cancel_scope.cancel()
             await _close_listeners(listeners)
             server.begin_shutdown()
+            connections.start_soon(server.sweep_idle)  # for connections given a grace
             connections.cancel_scope.deadline = trio.current_time() + config.grace_period_s
     finally:
         await _close_listeners(listeners)

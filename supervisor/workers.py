@@ -28,8 +28,9 @@ The supervisor
   ready and accepts; tell the old one to stop accepting (SIGUSR1), give the connections it accepted
   just before `ACCEPT_SETTLE_S` to deliver their first request, then SIGTERM it and wait for
   it to exit; then the next. The socket stays open throughout, so no connection is refused,
-  and a connection is never closed before its first request is read (a drain closes idle
-  connections at once, which for a just-accepted one would lose the request on its way).
+  and a connection is never closed before its first request is read (a draining server also
+  gives a just-accepted connection `server.FIRST_REQUEST_GRACE_S` for its first request; the
+  pause keeps the roll from leaning on that).
   Like any HTTP/1.1 server that closes idle keep-alive connections, a client whose request
   crosses that close on the wire must retry it (RFC 9112 §9.3.1);
 - serves `/metrics` on the metrics port itself: the workers' expositions merged

@@ -19,6 +19,7 @@ import trio.testing
 
 from supervisor.errors import BodyTooLarge
 from supervisor.server import (
+    FIRST_REQUEST_GRACE_S,
     IDLE_SWEEP_S,
     Request,
     RequestBody,
@@ -687,6 +688,36 @@ async def test_graceful_shutdown_finishes_in_flight_requests_and_refuses_new_one
         assert await busy.closed_by_server()
         await idle.close()
         await busy.close()
+
+
+async def test_a_connection_accepted_before_shutdown_still_gets_its_first_request_served():
+    async with running(hello) as server:
+        fresh = await server.connect()  # accepted, but its request comes after shutdown began
+        await trio.testing.wait_all_tasks_blocked()
+        server.shutdown.set()
+        await trio.testing.wait_all_tasks_blocked()
+        await fresh.send(get("/late"))
+        reply = await fresh.reply()
+        assert (reply.status, reply.body, reply.headers["connection"]) == (
+            200,
+            b"hello /late",
+            "close",
+        )
+        assert await fresh.closed_by_server()
+        await fresh.close()
+
+
+async def test_a_fresh_connection_that_sends_nothing_is_closed_soon_after_shutdown(
+    autojump_clock,
+):
+    async with running(hello) as server:
+        fresh = await server.connect()
+        await trio.testing.wait_all_tasks_blocked()
+        start = trio.current_time()
+        server.shutdown.set()
+        assert await fresh.closed_by_server()
+        assert trio.current_time() - start <= FIRST_REQUEST_GRACE_S + IDLE_SWEEP_S
+        await fresh.close()
 
 
 async def test_shutdown_cancels_requests_still_running_after_the_grace_period(autojump_clock):
