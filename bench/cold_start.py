@@ -344,7 +344,8 @@ def restart_figures(log: Path) -> tuple[float, float, int]:
 
 
 def artifact_load_times(cache_dir: Path, row: Row) -> tuple[float, float]:
-    """Best of LOAD_REPEATS: `deserialize_file` alone, and the cache's verified load."""
+    """Best of LOAD_REPEATS: `deserialize_file` alone, and the cache's verified load by digest
+    (what a restart does for a stored module: `modules/<sha256>.wasm` is not read)."""
     binary = row.guest.path.read_bytes()
     assert hashlib.sha256(binary).hexdigest() == row.sha256
     with Sandbox(max_instances=2) as sandbox:
@@ -356,9 +357,10 @@ def artifact_load_times(cache_dir: Path, row: Row) -> tuple[float, float]:
             wasmtime.Module.deserialize_file(sandbox.engine, str(artifact))
             deserialize.append(time.perf_counter() - started)
             started = time.perf_counter()
-            loaded = cache.load(binary, name=row.guest.name)
+            loaded = cache.load_cached(row.sha256, size=len(binary))
             cached.append(time.perf_counter() - started)
-            assert loaded.cache_hit
+            assert loaded is not None and loaded.cache_hit
+            del loaded  # else the next load is a hit in the cache's in-memory map
     return min(deserialize), min(cached)
 
 
@@ -367,7 +369,7 @@ def report(rows, ready_s, load_s, compiled, reactor, inspect_s, no_artifact) -> 
     print()
     print("| guest | size | compile at upload | upload (wall) | 1st request after upload |"
           " 2nd request | 1st request after restart | compile / 1st after restart |"
-          " deserialize_file | cache load (verify + load) |")  # fmt: skip
+          " deserialize_file | cache load by digest (verify + load) |")  # fmt: skip
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         ratio = row.compile_s / row.first_after_restart_s

@@ -68,6 +68,7 @@ __all__ = [
     "ModuleRecord",
     "ModuleVersion",
     "collect_garbage",
+    "digest_of",
     "manifest_lock",
     "module_path",
     "open_change_counter",
@@ -199,6 +200,15 @@ class Manifest:
 
 def utc_now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def digest_of(module_file: str) -> str | None:
+    """The SHA-256 a content-addressed module file is named by (`modules/<sha256>.wasm`)."""
+    folder, _, name = module_file.partition("/")
+    digest = name.removesuffix(".wasm")
+    if folder == MODULES_DIR and name.endswith(".wasm") and _SHA256_RE.fullmatch(digest):
+        return digest
+    return None
 
 
 def module_path(tenant_dir: Path, sha256: str) -> Path:

@@ -270,3 +270,19 @@ async def test_an_empty_read_only_cache_folder_still_serves(workspace):
         assert (await http.get("/demo/hello")).text == "hello from wasm\n"
     assert list(workspace.cache.iterdir()) == []
     assert "unusable" in server.log()
+
+
+def test_an_artifact_is_found_by_its_digest_alone_and_still_verified(tmp_path, sandbox):
+    compiled = new_cache(tmp_path, sandbox).load(HELLO, name="hello.wat")
+    restarted = new_cache(tmp_path, sandbox)
+    by_digest = restarted.load_cached(compiled.sha256, size=compiled.size)
+    assert by_digest is not None and by_digest.cache_hit
+    assert restarted.load_cached("0" * 64, size=1) is None  # never compiled: nothing to load
+
+    artifact, _ = artifact_of(restarted)
+    data = bytearray(artifact.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    artifact.write_bytes(data)
+    corrupted = new_cache(tmp_path, sandbox)
+    assert corrupted.load_cached(compiled.sha256, size=compiled.size) is None
+    assert corrupted.rebuilt == 1
