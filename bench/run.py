@@ -68,7 +68,7 @@ BENCH = REPO / "bench"
 RESULTS = BENCH / "results" / "latest.md"
 BOTH_CPUS = "0,1"
 CONNECTIONS = 16
-"""wrk's keep-alive connections for throughput runs (as bench/hello.py)."""
+"""wrk's keep-alive connections for throughput runs."""
 WARMUP_S = 2
 TENANTS = 1000
 QUIET_CONNECTIONS = 2
