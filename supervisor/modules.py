@@ -28,7 +28,6 @@ import logging
 import mmap
 import os
 import platform
-import tempfile
 import threading
 import time
 import weakref
@@ -40,6 +39,7 @@ from typing import BinaryIO
 import wasmtime
 
 from .errors import ModuleRejected
+from .files import fsync_directory, write_atomically
 
 log = logging.getLogger("supervisor.modules")
 
@@ -170,9 +170,9 @@ class ArtifactCache:
         data = module.serialize()
         record = {"size": len(data), "crc32": zlib.crc32(data)}
         try:
-            _write_atomically(artifact, data)
-            _write_atomically(record_path, json.dumps(record).encode())
-            _fsync_directory(self.directory)
+            write_atomically(artifact, data)
+            write_atomically(record_path, json.dumps(record).encode())
+            fsync_directory(self.directory)
         except OSError as exc:  # a read-only or full cache costs speed, not service
             log.warning("could not store artifact %s: %s", artifact.name, exc)
 
@@ -183,28 +183,6 @@ def _file_crc32(file: BinaryIO) -> int:
         return zlib.crc32(b"")
     with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
         return zlib.crc32(mapped)
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Readers see the old file or the whole new one, never a part (temp, fsync, rename)."""
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _reason(exc: BaseException) -> str:

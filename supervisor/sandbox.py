@@ -57,13 +57,11 @@ ERRNO_SUCCESS = 0
 ERRNO_BADF = 8
 ERRNO_FAULT = 21
 ERRNO_INVAL = 28
-ERRNO_NOTSUP = 58
 
 _IOVEC = struct.Struct("<II")
 _SUBSCRIPTION_SIZE = 48
 _SUBSCRIPTION_HEAD = struct.Struct("<QB")  # userdata, tag
 _SUBSCRIPTION_CLOCK = struct.Struct("<IxxxxQQH")  # clock id, timeout ns, precision, flags
-_SUBSCRIPTION_FD = struct.Struct("<I")
 _EVENT = struct.Struct("<QHBxxxxxQH6x")  # userdata, errno, type, nbytes, flags
 _EVENT_SIZE = 32
 _EVENTTYPE_CLOCK = 0

@@ -54,7 +54,7 @@ from typing import Any
 
 from . import policies
 from .errors import ConfigError
-from .modules import _fsync_directory, _write_atomically
+from .files import fsync_directory, write_atomically
 from .routing import RouteError, validate_pattern
 
 __all__ = [
@@ -95,7 +95,7 @@ _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _VERSION_KEYS = frozenset(
     {"sha256", "size", "route", "entrypoint", "argv", "volumes", "uploaded_at", "compile_s"}
 )
-# Temp files of `modules._write_atomically` are ".<final name>.<random>.tmp".
+# Temp files of `files.write_atomically` are ".<final name>.<random>.tmp".
 _TEMP_RE = re.compile(r"\..+\.tmp")
 _MANIFEST_TEMP_RE = re.compile(r"\.manifest\.json\..+\.tmp")
 
@@ -298,8 +298,8 @@ def _parse_version(entry: object, *, source: str, key: str) -> ModuleVersion:
 
 def write_manifest(tenant_dir: Path, manifest: Manifest) -> None:
     """Replace manifest.json atomically and durably. Call under `manifest_lock`."""
-    _write_atomically(tenant_dir / MANIFEST_FILE, manifest.to_json())
-    _fsync_directory(tenant_dir)
+    write_atomically(tenant_dir / MANIFEST_FILE, manifest.to_json())
+    fsync_directory(tenant_dir)
 
 
 def store_module(tenant_dir: Path, binary: bytes) -> str:
@@ -314,8 +314,8 @@ def store_module(tenant_dir: Path, binary: bytes) -> str:
     with contextlib.suppress(FileNotFoundError):
         if path.stat().st_size == len(binary):
             return digest
-    _write_atomically(path, binary)
-    _fsync_directory(path.parent)
+    write_atomically(path, binary)
+    fsync_directory(path.parent)
     return digest
 
 

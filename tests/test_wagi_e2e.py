@@ -13,31 +13,10 @@ import shutil
 import httpx
 import pytest
 from conftest import DEMO
+from test_wagi import CGI_VARIABLES
 
 TENANT_ENV_ONLY = {"GREETING"}
 """Variables of the tests' tenant `[env]` that no request sets."""
-WAGI_VARIABLES = {
-    "REQUEST_METHOD",
-    "SCRIPT_NAME",
-    "PATH_INFO",
-    "X_RAW_PATH_INFO",
-    "PATH_TRANSLATED",
-    "QUERY_STRING",
-    "X_MATCHED_ROUTE",
-    "X_FULL_URL",
-    "X_BASE_PATH",
-    "SERVER_NAME",
-    "SERVER_PORT",
-    "SERVER_PROTOCOL",
-    "SERVER_SOFTWARE",
-    "GATEWAY_INTERFACE",
-    "REMOTE_ADDR",
-    "REMOTE_HOST",
-    "AUTH_TYPE",
-    "REMOTE_USER",
-    "CONTENT_LENGTH",
-    "CONTENT_TYPE",
-}
 
 
 def echoed(response: httpx.Response) -> tuple[bytes, dict[str, str]]:
@@ -163,7 +142,7 @@ async def test_environment_holds_every_wagi_variable(workspace, start_supervisor
     assert "HTTP_AUTHORIZATION" not in env and "HTTP_CONNECTION" not in env
     assert "secret-token" not in response.text
     others = {name for name in env if not name.startswith("HTTP_")}
-    assert others == WAGI_VARIABLES | TENANT_ENV_ONLY
+    assert others == CGI_VARIABLES | TENANT_ENV_ONLY
 
     _, exact = echoed(await running.client.get("/t/exact"))
     assert (exact["SCRIPT_NAME"], exact["PATH_INFO"], exact["X_RAW_PATH_INFO"]) == (
