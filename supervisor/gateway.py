@@ -16,7 +16,7 @@ from . import wagi
 from .admin import ADMIN_PREFIX, TenantUsage
 from .admission import Admission
 from .errors import GuestBadOutput, NotFound, Outcome, Rejected, SupervisorError
-from .guest_threads import GuestThreads
+from .guest_threads import LONG_JOB_S, GuestThreads
 from .metrics import Metrics
 from .routing import RouteMatch
 from .sandbox import GuestRun, Sandbox
@@ -176,8 +176,10 @@ class Gateway:
             limits=tenant.guest_limits,
             volumes=target.volumes,
         )
+        prepared = target.prepared
         async with self.admission.admit(tenant.name, tenant.admission_limits):
-            run = await self.guest_threads.run(run_guest)
+            run = await self.guest_threads.run(run_guest, long=prepared.runs_long)
+        prepared.runs_long = run.slept or run.cpu_s >= LONG_JOB_S
         if run.stderr:
             _log_stderr(tenant.name, request.request_id, run)
         return run

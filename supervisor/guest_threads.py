@@ -1,14 +1,32 @@
-"""A fixed pool of threads that run guests, handing results back to the trio loop.
+"""A pool of threads that run guests, handing results back to the trio loop.
 
 Why not `trio.to_thread.run_sync`: measured on one core, a hop through it costs ~35 µs at
-16 concurrent requests (limiter, context copy, thread cache, one wake-up per result); this
-pool costs ~9 µs, because each job goes straight to an idle thread's inbox and results that
-finish together are delivered in one loop iteration (`TrioToken.run_sync_soon`).
+16 concurrent requests (limiter, context copy, thread cache, one wake-up per result); here
+jobs go into one lock-free queue and results that finish together are delivered in one loop
+iteration (`TrioToken.run_sync_soon`).
 
-The most recently idle thread takes the next job (a stack, not a queue): under light load
-one or two threads do all the work, which keeps their caches warm and keeps glibc from
-spreading a guest's large output buffers over one malloc arena per thread (measured: 16
-threads taken in turn grew the process by 22 MiB over 20 1-MiB outputs).
+Why one thread drains the queue by default: a worker process runs on one core, and short
+guests (~50-100 µs) are GIL-bound Python around a short wasm call, so more threads add no
+throughput, only GIL hand-offs and context switches. Measured with the demo hello at 16 in
+flight: one draining thread used ~30 µs less CPU per request than one thread per job.
+
+Why there are more threads anyway: a guest asleep in `poll_oneoff`, or a long CPU-bound one,
+must not hold up the short guests queued behind it, nor the event loop. So:
+
+- A job the caller knows to be long (`run(..., long=True)`: the gateway passes whether the
+  module's last run was) skips the queue and gets a thread of its own, niced by
+  `GUEST_THREAD_NICE`: the event loop and short guests take the core from it at once.
+- A job in the queue that turns out long (it has run for `LONG_JOB_S`) has its thread demoted
+  the same way; and if every active thread is on a long job while jobs wait, one more thread
+  is woken (the most recently parked: its caches are warm), which drains the queue alongside
+  and parks again once the queue is empty. A thread cannot raise its priority again without
+  privileges, so a demoted thread retires after its job and a fresh one takes its place.
+
+The demotion by the watcher comes late when the long job is CPU-bound: a thread at the loop's
+priority keeps the core for its time slice (a few ms), the loop's wake-ups included. That is
+why known long jobs never enter the queue. Measured on one core, a short guest's latency
+while another floods the pool with ~4.5 ms CPU-bound guests: p99 0.3-0.7 ms when each job had
+a thread of its own at nice +10, 4.2-4.7 ms with the watcher alone.
 
 Admission already bounds how many guests run at once, so the pool has exactly that many
 threads and needs no limiter of its own. A guest cannot be interrupted from Python: a
@@ -19,9 +37,11 @@ like `trio.to_thread.run_sync` without `abandon_on_cancel`.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -31,65 +51,199 @@ import trio
 T = TypeVar("T")
 
 _STOP = None
+LONG_JOB_S = 0.0005
+"""A job running this long is not a short guest (the demo hello runs in ~0.07 ms). A job
+queued behind long ones waits about this long, plus up to one watcher tick, for a thread."""
+WATCH_INTERVAL_S = 0.001
+"""How often the watcher looks at the running jobs, while jobs are queued."""
 GUEST_THREAD_NICE = 10
-"""How much nicer guest threads are than the thread that created the pool (at most 19).
-Measured with a CPU-bound neighbour flooding one tenant: the quiet tenant's p99 dropped by
-about a quarter; the throughput of short guests did not change."""
+"""How much nicer a thread running a long job becomes than the event loop (at most 19)."""
 
 
 class GuestThreads:
     """`size` threads; `await run(fn)` runs `fn()` on one of them. Create inside trio."""
 
     def __init__(self, size: int, *, name: str = "guest") -> None:
-        token = trio.lowlevel.current_trio_token()
-        self._workers = [_Worker(self, token, f"{name}-{index}") for index in range(size)]
-        self._idle: list[_Worker] = list(self._workers)  # a stack: last idle, first used
+        if size < 1:
+            raise ValueError("a guest thread pool needs at least one thread")
+        self._name = name
+        self._numbers = itertools.count()
+        self._token = trio.lowlevel.current_trio_token()
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._closing = False
+        first = _Runner(self, self._thread_name(), first=True)
+        spares = [_Runner(self, self._thread_name(), first=False) for _ in range(size - 1)]
+        self._runners = {first, *spares}  # every live thread, for `close`
+        self._active = [first]  # threads taking jobs from the queue now
+        self._parked = spares[::-1]  # a stack: the last parked is woken first
+        # Known long jobs: threads of their own, niced from the start (a stack of idle ones).
+        self._low = [_LowPriorityThread(self, self._thread_name()) for _ in range(size)]
+        self._idle_low = list(self._low)
+        self._watcher_needed = trio.Event()
+        for runner in self._runners:
+            runner.thread.start()
+        for low in self._low:
+            low.thread.start()
+        trio.lowlevel.spawn_system_task(self._watch, name=f"{name}-watcher")
 
-    async def run(self, function: Callable[[], T]) -> T:
-        """Run `function()` on an idle thread. More callers at once than threads is a bug."""
+    async def run(self, function: Callable[[], T], *, long: bool = False) -> T:
+        """Run `function()` on a guest thread and return (or raise) what it did. `long`: the
+        job is expected to run long. More callers at once than threads is a bug."""
         await trio.lowlevel.checkpoint_if_cancelled()
-        try:
-            worker = self._idle.pop()
-        except IndexError:
-            raise RuntimeError("more guests than guest threads: admission is broken") from None
-        worker.inbox.put((function, trio.lowlevel.current_task()))
+        if long:
+            try:
+                low = self._idle_low.pop()
+            except IndexError:
+                raise RuntimeError("more guests than guest threads: admission is broken") from None
+            low.inbox.put((function, trio.lowlevel.current_task()))
+            return await trio.lowlevel.wait_task_rescheduled(_cannot_abort)
+        self._jobs.put((function, trio.lowlevel.current_task()))
+        self._look()  # behind a long job, this one need not wait for the watcher's next look
+        self._watcher_needed.set()
         return await trio.lowlevel.wait_task_rescheduled(_cannot_abort)
 
     def close(self) -> None:
         """Stop the threads once their current job is done (blocking: call it at exit)."""
-        for worker in self._workers:
-            worker.inbox.put(_STOP)
-        for worker in self._workers:
-            worker.thread.join()
+        self._closing = True
+        self._jobs.put(_STOP)  # passed on from thread to thread (`_Runner._work`)
+        for runner in list(self._runners):
+            runner.inbox.put(_STOP)
+        for low in self._low:
+            low.inbox.put(_STOP)
+            low.thread.join()
+        while self._runners:
+            runner = next(iter(self._runners))
+            runner.thread.join()
+            self._runners.discard(runner)
+
+    def _thread_name(self) -> str:
+        return f"{self._name}-{next(self._numbers)}"
+
+    async def _watch(self) -> None:
+        """While jobs are running or queued, demote long jobs and spill queued ones."""
+        while True:
+            await self._watcher_needed.wait()
+            self._watcher_needed = trio.Event()
+            while any(runner.busy_since for runner in self._active) or self._jobs.qsize():
+                await trio.sleep(WATCH_INTERVAL_S)
+                self._look()
+
+    def _look(self) -> None:
+        long_ago = time.monotonic() - LONG_JOB_S
+        all_long = True
+        for runner in list(self._active):
+            if 0 < runner.busy_since < long_ago:
+                runner.demote()
+            else:
+                all_long = False
+        if all_long and self._parked and self._jobs.qsize():
+            spare = self._parked.pop()
+            self._active.append(spare)
+            spare.inbox.put(True)
+
+    def _retire(self, runner: _Runner) -> None:
+        """Replace a demoted thread, after its job, with a fresh one in the same role. Runs
+        on the event loop: a thread inherits the nice value of the thread that starts it."""
+        self._runners.discard(runner)
+        if self._closing:
+            return
+        fresh = _Runner(self, self._thread_name(), first=runner.first)
+        if runner.first:
+            self._active[self._active.index(runner)] = fresh
+        else:
+            self._active.remove(runner)
+            self._parked.append(fresh)
+        fresh.thread.start()
+        self._runners.add(fresh)
+
+    def _deliver(self, task: trio.lowlevel.Task, result: outcome.Outcome) -> None:
+        # If the loop is gone, nobody waits for this result.
+        with contextlib.suppress(trio.RunFinishedError):
+            self._token.run_sync_soon(trio.lowlevel.reschedule, task, result)
 
 
-class _Worker:
-    __slots__ = ("inbox", "pool", "thread", "token")
+class _Runner:
+    __slots__ = ("busy_since", "demoted", "first", "inbox", "native_id", "pool", "thread")
 
-    def __init__(self, pool: GuestThreads, token: trio.lowlevel.TrioToken, name: str) -> None:
+    def __init__(self, pool: GuestThreads, name: str, *, first: bool) -> None:
         self.pool = pool
-        self.token = token
-        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.first = first  # always takes jobs; the others park when the queue is empty
+        self.busy_since = 0.0  # when the current job started; 0 between jobs
+        self.demoted = False
+        self.native_id = 0
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()  # wake-ups of a parked thread
         self.thread = threading.Thread(target=self._work, name=name, daemon=True)
-        self.thread.start()
+
+    def demote(self) -> None:
+        """Lower this thread's priority for the rest of its life (called by the watcher)."""
+        if self.demoted or not self.native_id:
+            return
+        self.demoted = True
+        _lower_priority(self.native_id)
 
     def _work(self) -> None:
-        # Linux schedules threads on their own: a lower priority for guests than for the
-        # event loop thread keeps HTTP, admission and /metrics responsive while CPU-bound
-        # guests run (raising one's nice value needs no privilege).
-        with contextlib.suppress(OSError):
-            thread = threading.get_native_id()
-            nice = os.getpriority(os.PRIO_PROCESS, thread) + GUEST_THREAD_NICE
-            os.setpriority(os.PRIO_PROCESS, thread, min(nice, 19))
+        self.native_id = threading.get_native_id()
+        pool, first = self.pool, self.first
+        if first:
+            # A batch thread does not preempt the event loop when it wakes: the loop reads
+            # every request that is ready, then this thread runs their guests in one go
+            # (measured: ~10 µs less CPU per request). Same nice value, no privilege needed.
+            with contextlib.suppress(OSError, AttributeError):
+                os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+        if not first and self.inbox.get() is _STOP:
+            return
+        while True:
+            try:
+                job = pool._jobs.get() if first else pool._jobs.get_nowait()
+            except queue.Empty:
+                pool._active.remove(self)
+                pool._parked.append(self)
+                if self.inbox.get() is _STOP:
+                    return
+                continue
+            if job is _STOP:
+                pool._jobs.put(_STOP)
+                return
+            function, task = job
+            self.busy_since = time.monotonic()
+            result = outcome.capture(function)
+            self.busy_since = 0.0
+            pool._deliver(task, result)
+            # An idle thread must not keep its last result (a guest's whole output) alive.
+            del job, function, task, result
+            if self.demoted:
+                with contextlib.suppress(trio.RunFinishedError):
+                    pool._token.run_sync_soon(pool._retire, self)
+                return
+
+
+class _LowPriorityThread:
+    """Runs known long jobs, one at a time, niced below the event loop for its whole life."""
+
+    __slots__ = ("inbox", "pool", "thread")
+
+    def __init__(self, pool: GuestThreads, name: str) -> None:
+        self.pool = pool
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._work, name=name, daemon=True)
+
+    def _work(self) -> None:
+        _lower_priority(threading.get_native_id())
+        pool = self.pool
         while (job := self.inbox.get()) is not _STOP:
             function, task = job
             result = outcome.capture(function)
-            self.pool._idle.append(self)
-            # If the loop is gone, nobody waits for this result.
-            with contextlib.suppress(trio.RunFinishedError):
-                self.token.run_sync_soon(trio.lowlevel.reschedule, task, result)
-            # An idle thread must not keep its last result (a guest's whole output) alive.
-            del job, function, task, result
+            pool._idle_low.append(self)
+            pool._deliver(task, result)
+            del job, function, task, result  # see `_Runner._work`
+
+
+def _lower_priority(native_id: int) -> None:
+    """Nice a thread by GUEST_THREAD_NICE. Linux schedules threads on their own, and raising
+    a nice value needs no privilege (lowering it again would)."""
+    with contextlib.suppress(OSError):
+        nice = os.getpriority(os.PRIO_PROCESS, native_id) + GUEST_THREAD_NICE
+        os.setpriority(os.PRIO_PROCESS, native_id, min(nice, 19))
 
 
 def _cannot_abort(_: object) -> trio.lowlevel.Abort:

@@ -97,6 +97,8 @@ class GuestRun:
     fuel_used: int
     memory_bytes: int
     duration_s: float
+    cpu_s: float  # CPU time of the run's thread: a guest waiting for the GIL spends none
+    slept: bool  # whether the guest slept in `poll_oneoff`
     error: GuestError | None = None
 
 
@@ -110,18 +112,22 @@ class _RunState:
     stdout: bytearray = field(default_factory=bytearray)
     stderr: bytearray = field(default_factory=bytearray)
     stderr_truncated: bool = False
+    slept: bool = False
     fault: GuestError | None = None
 
 
 class PreparedModule:
     """A compiled module linked once against the sandbox's imports (an `InstancePre`)."""
 
-    __slots__ = ("exports", "instance_pre", "module")
+    __slots__ = ("exports", "instance_pre", "module", "runs_long")
 
     def __init__(self, module: wasmtime.Module, instance_pre: wasmtime.InstancePre) -> None:
         self.module = module
         self.instance_pre = instance_pre
         self.exports = frozenset(export.name for export in module.exports)
+        self.runs_long = False
+        """Whether its last run in this process was long (guest_threads.py): the next one
+        then goes straight to a low-priority thread."""
 
 
 class Sandbox:
@@ -176,6 +182,7 @@ class Sandbox:
     ) -> GuestRun:
         """Run `entrypoint` in a fresh store. Blocking: call it from a worker thread."""
         started = time.monotonic()
+        cpu_started = time.thread_time()
         state = _RunState(
             deadline=started + limits.timeout_ms / 1000,
             max_stdout=limits.max_stdout_bytes,
@@ -221,6 +228,8 @@ class Sandbox:
             fuel_used=fuel_used,
             memory_bytes=memory_bytes,
             duration_s=time.monotonic() - started,
+            cpu_s=time.thread_time() - cpu_started,
+            slept=state.slept,
             error=error,
         )
 
@@ -285,6 +294,7 @@ class Sandbox:
             raw = ctypes.string_at(base + in_ptr, count * _SUBSCRIPTION_SIZE)
             events, wake_at = _poll(raw, count)
             if not events:
+                state.slept = True
                 now = time.monotonic()
                 if wake_at > state.deadline:
                     time.sleep(max(0.0, state.deadline - now))

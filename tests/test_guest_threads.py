@@ -70,7 +70,7 @@ async def test_a_cancelled_caller_still_gets_its_running_jobs_result():
         pool.close()
 
 
-async def test_the_most_recently_idle_thread_takes_the_next_job():
+async def test_short_jobs_one_after_another_run_on_one_thread():
     pool = GuestThreads(4)
     try:
         names = {await pool.run(lambda: threading.current_thread().name) for _ in range(20)}
@@ -79,13 +79,72 @@ async def test_the_most_recently_idle_thread_takes_the_next_job():
         pool.close()
 
 
-async def test_guest_threads_run_at_a_lower_priority_than_the_event_loop():
+def _own_nice() -> int:
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+
+async def test_a_long_job_is_demoted_and_does_not_hold_up_a_short_one():
+    pool = GuestThreads(2)
+    long_job_thread: list[int] = []
+    started, release = threading.Event(), threading.Event()
+
+    def long_job() -> int:
+        long_job_thread.append(threading.get_native_id())
+        started.set()
+        release.wait(30)
+        return _own_nice()
+
+    loop_nice = _own_nice()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pool.run, long_job)
+            await trio.to_thread.run_sync(started.wait, 10)
+            # Queued behind the long job, the short one gets another thread once the long one
+            # has been seen running for LONG_JOB_S, which first demotes the long one.
+            short_nice = await pool.run(_own_nice)
+            long_nice = os.getpriority(os.PRIO_PROCESS, long_job_thread[0])
+            release.set()
+        assert short_nice == loop_nice
+        assert long_nice == min(loop_nice + GUEST_THREAD_NICE, 19)
+        # The demoted thread retired after its job: the next short job runs at full priority.
+        assert await pool.run(_own_nice) == loop_nice
+    finally:
+        release.set()
+        pool.close()
+
+
+async def test_short_jobs_run_at_the_event_loops_priority():
     pool = GuestThreads(1)
     try:
-        guest_nice = await pool.run(
-            lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-        )
-        loop_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-        assert guest_nice == min(loop_nice + GUEST_THREAD_NICE, 19)
+        assert await pool.run(_own_nice) == _own_nice()
     finally:
+        pool.close()
+
+
+async def test_a_known_long_job_gets_a_low_priority_thread_and_skips_the_queue():
+    pool = GuestThreads(2)
+    started, release = threading.Event(), threading.Event()
+
+    def long_job() -> int:
+        started.set()
+        release.wait(30)
+        return _own_nice()
+
+    loop_nice = _own_nice()
+    results: list[int] = []
+
+    async def run_long() -> None:
+        results.append(await pool.run(long_job, long=True))
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_long)
+            await trio.to_thread.run_sync(started.wait, 10)
+            # The queue's own thread is free: a short job is answered while the long one runs.
+            assert await pool.run(_own_nice) == loop_nice
+            assert not release.is_set()
+            release.set()
+        assert results == [min(loop_nice + GUEST_THREAD_NICE, 19)]
+    finally:
+        release.set()
         pool.close()
