@@ -16,8 +16,12 @@ from collections.abc import Callable
 import httpx
 import pytest
 import trio
-from conftest import DEMO, Running
+from conftest import DEMO, Running, Workspace
 from test_lifecycle import serve_process
+
+from supervisor.modules import ArtifactCache
+from supervisor.sandbox import Sandbox
+from supervisor.tenants import TenantRegistry
 
 CHANGE_TIMEOUT_S = 5.0
 """For a change on disk to be served: many polls of the registry, on a loaded machine too."""
@@ -227,6 +231,73 @@ async def test_replaced_module_file_is_served_without_restart(workspace, start_s
         (folder / "new.tmp").write_text(greeting_wat("hello again"))
         os.replace(folder / "new.tmp", folder / "hello.wat")
     await until(running, "/demo/hello", says(200, "hello again\n"))
+
+
+SAME_SIZE_EDITS = {
+    "modules.toml": ("modules.toml", '"/hello"', '"/howdy"', "/demo/howdy", "hello from wasm\n"),
+    "module file": ("hello.wat", "hello from wasm", "howdy from wasm", "/demo/hello", "howdy"),
+}
+
+
+@pytest.mark.parametrize(
+    ("file", "old", "new", "path", "body"), SAME_SIZE_EDITS.values(), ids=SAME_SIZE_EDITS
+)
+async def test_an_in_place_edit_of_the_same_size_is_seen(
+    workspace, start_supervisor, file, old, new, path, body
+):
+    """Same size, same inode: the poll sees the change by its modification time alone."""
+    folder = workspace.add_tenant("demo", {"/hello": "hello.wat"})
+    running = await start_supervisor()
+    assert (await running.client.get("/demo/hello")).text == "hello from wasm\n"
+
+    target = folder / file
+    before = os.stat(target)
+    with target.open("r+") as handle:  # rewritten in place: the same inode
+        text = handle.read()
+        handle.seek(0)
+        handle.write(text.replace(old, new))
+    after = os.stat(target)
+    assert (after.st_size, after.st_ino) == (before.st_size, before.st_ino)
+    await until(running, path, says(200, body))
+
+
+async def test_a_renamed_policy_file_moves_the_tenant(workspace, start_supervisor):
+    """A rename keeps the file's stat: the policy folder's key must hold the names too."""
+    workspace.add_tenant("demo", {"/hello": "hello.wat"})
+    workspace.add_tenant("other", {"/hello": "hello.wat"})
+    (workspace.policies / "other.toml").unlink()
+    running = await start_supervisor()
+    assert (await running.client.get("/other/hello")).status_code == 404
+
+    os.replace(workspace.policies / "demo.toml", workspace.policies / "other.toml")
+    await until(running, "/other/hello", says(200, "hello from wasm"))
+    assert (await running.client.get("/demo/hello")).status_code == 404
+
+
+def test_a_poll_rebuilds_only_the_tenants_whose_inputs_changed(workspace: Workspace):
+    """What keeps a poll of 1,000 unchanged tenants cheap: an unchanged tenant is kept as it
+    is, and so is one whose policy file was rewritten with the same policy (the tenant is
+    built from the policy's value, not from the file)."""
+    for name in ("kept", "policy", "module"):
+        workspace.add_tenant(name, {"/hello": "hello.wat"}, policy="timeout_ms = 500\n")
+    with Sandbox() as sandbox:
+        cache = ArtifactCache(workspace.cache, sandbox.engine, sandbox.settings)
+        registry = TenantRegistry(workspace.tenants, workspace.policies, sandbox, cache)
+        first = registry.reload().tenants
+        again = registry.reload().tenants
+        assert all(again[name] is first[name] for name in first)
+
+        workspace.write_policy("policy", "# the same limits\ntimeout_ms = 500\n")
+        (workspace.tenants / "module" / "hello.wat").write_text(greeting_wat("changed"))
+        second = registry.reload().tenants
+        assert second["kept"] is first["kept"]
+        assert second["policy"] is first["policy"]
+        assert second["module"] is not first["module"]
+
+        workspace.write_policy("policy", "timeout_ms = 600\n")
+        third = registry.reload().tenants
+        assert third["policy"].policy.timeout_ms == 600
+        assert third["kept"] is first["kept"]
 
 
 # One tenant's trouble stays its own ---------------------------------------------------------
