@@ -7,7 +7,8 @@ which git ignores. Nothing is committed.
 1. hello: the demo tenant's /hello through `serve --workers 1` against the plain trio + h11
    server with no guest (bench/peer_h11.py) and against nginx + fcgiwrap running a native C
    CGI hello (bench/cgi/); every server pinned to cpu 0 (nginx: its one worker, and fcgiwrap),
-   wrk on cpu 1.
+   wrk on cpu 1. Also the same server with the demo capped at the default max_concurrency (8)
+   instead of its own 16, so half of wrk's 16 connections wait in admission.
 2. workers: `--workers 1` against `--workers 2`. With two cores there is no core left for
    wrk: one worker is measured on cpu 0 with wrk on cpu 1 (off the measured core); two workers
    on cpus 0-1 with wrk sharing them. The CPU time of the server processes and of wrk is read
@@ -254,7 +255,13 @@ def bench_hello(report: Report, cache: Path, seconds: int, rounds: int) -> None:
         f"{rounds} rounds taking turns, each {WARMUP_S}s warm-up then {seconds}s; medians.",
         "",
     )
-    results: dict[str, list[WrkResult]] = {"peer": [], "supervisor": [], "cgi": []}
+    results: dict[str, list[WrkResult]] = {"peer": [], "supervisor": [], "capped": [], "cgi": []}
+    # The same server with the demo tenant capped at the default max_concurrency (8): half of
+    # wrk's connections then wait in admission, the path of a tenant at its cap.
+    capped_policies = Path(tempfile.mkdtemp(prefix="bench-policies-"))
+    shutil.copytree(REPO / "policies", capped_policies, dirs_exist_ok=True)
+    demo = capped_policies / "demo.toml"
+    demo.write_text(demo.read_text().replace("max_concurrency = 16", "max_concurrency = 8"))
 
     def measure(name: str, url: str) -> None:
         run_wrk(url, seconds=WARMUP_S, connections=CONNECTIONS, cpus=LOAD_CPU)
@@ -262,26 +269,37 @@ def bench_hello(report: Report, cache: Path, seconds: int, rounds: int) -> None:
         results[name].append(result)
 
     cgi_problem = ensure_cgi_tools()
-    for _ in range(rounds):
-        port = free_port()
-        peer = [sys.executable, "bench/peer_h11.py", str(port)]
-        with server(peer, f"http://127.0.0.1:{port}/"):
-            measure("peer", f"http://127.0.0.1:{port}/")
-        with supervisor(cache, workers=1, cpus=SERVER_CPU) as (base, _):
-            measure("supervisor", base + "/demo/hello")
-        if cgi_problem is None:
-            with tempfile.TemporaryDirectory() as root, nginx_cgi(Path(root)) as url:
-                measure("cgi", url)
+    try:
+        for _ in range(rounds):
+            port = free_port()
+            peer = [sys.executable, "bench/peer_h11.py", str(port)]
+            with server(peer, f"http://127.0.0.1:{port}/"):
+                measure("peer", f"http://127.0.0.1:{port}/")
+            with supervisor(cache, workers=1, cpus=SERVER_CPU) as (base, _):
+                measure("supervisor", base + "/demo/hello")
+            capped_server = supervisor(cache, workers=1, cpus=SERVER_CPU, policies=capped_policies)
+            with capped_server as (base, _):
+                measure("capped", base + "/demo/hello")
+            if cgi_problem is None:
+                with tempfile.TemporaryDirectory() as root, nginx_cgi(Path(root)) as url:
+                    measure("cgi", url)
+    finally:
+        shutil.rmtree(capped_policies)
     peer, ours = median(results["peer"]), median(results["supervisor"])
     rows = [
         peer.row("trio + h11, no guest (peer)"),
         ours.row("wasm-supervisor, demo /hello, 1 worker"),
+        median(results["capped"]).row("the same, demo capped at max_concurrency = 8"),
     ]
     if cgi_problem is None:
         rows.append(median(results["cgi"]).row("nginx + fcgiwrap, C CGI hello"))
     report.add(*table(WRK_HEADER, rows), "")
     vs_peer = ours.requests_per_s / peer.requests_per_s
-    report.add(f"- throughput, supervisor / trio + h11 peer: **{vs_peer:.2f}**")
+    capped = median(results["capped"]).requests_per_s / peer.requests_per_s
+    report.add(
+        f"- throughput, supervisor / trio + h11 peer: **{vs_peer:.2f}** (the demo tenant may"
+        f" use all 16 slots); capped at 8, half the requests wait in admission: {capped:.2f}"
+    )
     report.check("hello: supervisor / trio+h11 (req/s)", vs_peer, f">= {TARGET_VS_PEER}",
                  vs_peer >= TARGET_VS_PEER)  # fmt: skip
     if cgi_problem is None:
