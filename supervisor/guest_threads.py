@@ -16,10 +16,11 @@ must not hold up the short guests queued behind it, nor the event loop. So:
 - A job the caller knows to be long (`run(..., long=True)`: the gateway passes whether the
   module's last run was) skips the queue and gets a thread of its own, niced by
   `GUEST_THREAD_NICE`: the event loop and short guests take the core from it at once.
-- A job in the queue that turns out long (it has run for `LONG_JOB_S`) has its thread demoted
-  the same way; and if every active thread is on a long job while jobs wait, one more thread
+- A job in the queue that turns out long (it has used `LONG_JOB_S` of CPU) has its thread
+  demoted the same way; and if every active thread is on a long job while jobs wait, one more thread
   is woken (the most recently parked: its caches are warm), which drains the queue alongside
-  and parks again once the queue is empty. A thread cannot raise its priority again without
+  and parks again once the queue is empty (a guest asleep in `poll_oneoff` spills the queue
+  this way without being demoted). A thread cannot raise its priority again without
   privileges, so a demoted thread retires after its job and a fresh one takes its place.
 
 The demotion by the watcher comes late when the long job is CPU-bound: a thread at the loop's
@@ -133,7 +134,10 @@ class GuestThreads:
         all_long = True
         for runner in list(self._active):
             if 0 < runner.busy_since < long_ago:
-                runner.demote()
+                # Demoted only for using the CPU: a short guest that waited for the core or
+                # the GIL (another worker on this core, the event loop) is not long.
+                if not runner.demoted and runner.cpu_used() >= LONG_JOB_S:
+                    runner.demote()
             else:
                 all_long = False
         if all_long and self._parked and self._jobs.qsize():
@@ -163,16 +167,37 @@ class GuestThreads:
 
 
 class _Runner:
-    __slots__ = ("busy_since", "demoted", "first", "inbox", "native_id", "pool", "thread")
+    __slots__ = (
+        "busy_since",
+        "cpu_clock",
+        "cpu_since",
+        "demoted",
+        "first",
+        "inbox",
+        "native_id",
+        "pool",
+        "thread",
+    )
 
     def __init__(self, pool: GuestThreads, name: str, *, first: bool) -> None:
         self.pool = pool
         self.first = first  # always takes jobs; the others park when the queue is empty
         self.busy_since = 0.0  # when the current job started; 0 between jobs
+        self.cpu_since = 0.0  # the thread's CPU time when the current job started
         self.demoted = False
         self.native_id = 0
+        self.cpu_clock = 0  # the thread's CPU-time clock, readable from other threads
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()  # wake-ups of a parked thread
         self.thread = threading.Thread(target=self._work, name=name, daemon=True)
+
+    def cpu_used(self) -> float:
+        """CPU seconds the current job has used so far (called by the watcher)."""
+        if not self.cpu_clock:
+            return 0.0
+        try:
+            return time.clock_gettime(self.cpu_clock) - self.cpu_since
+        except OSError:  # the thread has just ended
+            return 0.0
 
     def demote(self) -> None:
         """Lower this thread's priority for the rest of its life (called by the watcher)."""
@@ -183,6 +208,7 @@ class _Runner:
 
     def _work(self) -> None:
         self.native_id = threading.get_native_id()
+        self.cpu_clock = time.pthread_getcpuclockid(threading.get_ident())
         pool, first = self.pool, self.first
         if first:
             # A batch thread does not preempt the event loop when it wakes: the loop reads
@@ -205,6 +231,7 @@ class _Runner:
                 pool._jobs.put(_STOP)
                 return
             function, task = job
+            self.cpu_since = time.thread_time()
             self.busy_since = time.monotonic()
             result = outcome.capture(function)
             self.busy_since = 0.0

@@ -83,31 +83,56 @@ def _own_nice() -> int:
     return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
 
 
-async def test_a_long_job_is_demoted_and_does_not_hold_up_a_short_one():
+async def test_a_cpu_bound_job_is_demoted_and_does_not_hold_up_a_short_one():
     pool = GuestThreads(2)
-    long_job_thread: list[int] = []
-    started, release = threading.Event(), threading.Event()
+    demoted, release = threading.Event(), threading.Event()
+    loop_nice = _own_nice()
 
-    def long_job() -> int:
-        long_job_thread.append(threading.get_native_id())
-        started.set()
+    def cpu_bound_job() -> int:
+        while _own_nice() == loop_nice:  # uses the CPU until the watcher demotes it
+            pass
+        demoted.set()
         release.wait(30)
         return _own_nice()
+
+    results: list[int] = []
+
+    async def run_long() -> None:
+        results.append(await pool.run(cpu_bound_job))
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_long)
+            await trio.to_thread.run_sync(demoted.wait, 10)
+            # Queued behind it, a short job gets another thread, at full priority.
+            assert await pool.run(_own_nice) == loop_nice
+            release.set()
+        assert results == [min(loop_nice + GUEST_THREAD_NICE, 19)]
+        # The demoted thread retired after its job: the next short job runs at full priority.
+        assert await pool.run(_own_nice) == loop_nice
+    finally:
+        release.set()
+        pool.close()
+
+
+async def test_a_blocked_job_lets_queued_jobs_pass_without_being_demoted():
+    pool = GuestThreads(2)
+    blocked_thread: list[int] = []
+    started, release = threading.Event(), threading.Event()
+
+    def blocked_job() -> None:  # like a guest asleep in poll_oneoff: no CPU used
+        blocked_thread.append(threading.get_native_id())
+        started.set()
+        release.wait(30)
 
     loop_nice = _own_nice()
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(pool.run, long_job)
+            nursery.start_soon(pool.run, blocked_job)
             await trio.to_thread.run_sync(started.wait, 10)
-            # Queued behind the long job, the short one gets another thread once the long one
-            # has been seen running for LONG_JOB_S, which first demotes the long one.
-            short_nice = await pool.run(_own_nice)
-            long_nice = os.getpriority(os.PRIO_PROCESS, long_job_thread[0])
+            assert await pool.run(_own_nice) == loop_nice  # served beside the blocked job
+            assert os.getpriority(os.PRIO_PROCESS, blocked_thread[0]) == loop_nice
             release.set()
-        assert short_nice == loop_nice
-        assert long_nice == min(loop_nice + GUEST_THREAD_NICE, 19)
-        # The demoted thread retired after its job: the next short job runs at full priority.
-        assert await pool.run(_own_nice) == loop_nice
     finally:
         release.set()
         pool.close()
