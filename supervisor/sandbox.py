@@ -119,15 +119,15 @@ class _RunState:
 class PreparedModule:
     """A compiled module linked once against the sandbox's imports (an `InstancePre`)."""
 
-    __slots__ = ("exports", "instance_pre", "module", "runs_long")
+    __slots__ = ("exports", "instance_pre", "last_run_long", "module")
 
     def __init__(self, module: wasmtime.Module, instance_pre: wasmtime.InstancePre) -> None:
         self.module = module
         self.instance_pre = instance_pre
         self.exports = frozenset(export.name for export in module.exports)
-        self.runs_long = False
-        """Whether its last run in this process was long (guest_threads.py): the next one
-        then goes straight to a low-priority thread."""
+        self.last_run_long: bool | None = None
+        """Whether its last run in this process was long (guest_threads.py), None before the
+        first: the gateway tells the guest threads what to expect of the next one."""
 
 
 class Sandbox:

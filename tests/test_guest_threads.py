@@ -7,6 +7,7 @@ import threading
 
 import pytest
 import trio
+import trio.testing
 
 from supervisor.guest_threads import GUEST_THREAD_NICE, GuestThreads
 
@@ -172,4 +173,39 @@ async def test_a_known_long_job_gets_a_low_priority_thread_and_skips_the_queue()
         assert results == [min(loop_nice + GUEST_THREAD_NICE, 19)]
     finally:
         release.set()
+        pool.close()
+
+
+async def test_a_finished_result_is_not_held_behind_a_job_that_may_run_long():
+    pool = GuestThreads(1)  # one thread: nobody else could pick up the second job
+    first_started, finish_first = threading.Event(), threading.Event()
+    first_result_arrived = threading.Event()
+
+    def short_job() -> int:
+        first_started.set()
+        finish_first.wait(10)
+        return 1
+
+    def may_run_long() -> bool:
+        return first_result_arrived.wait(10)
+
+    async def first() -> None:
+        assert await pool.run(short_job, short=True) == 1
+        first_result_arrived.set()
+
+    results: list[bool] = []
+
+    async def second() -> None:
+        results.append(await pool.run(may_run_long))
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(first)
+            await trio.to_thread.run_sync(first_started.wait, 10)
+            nursery.start_soon(second)
+            await trio.testing.wait_all_tasks_blocked()  # the second job is queued
+            finish_first.set()  # the first ends with a job waiting behind it
+        assert results == [True]  # its result came back while the second job ran
+    finally:
+        finish_first.set()
         pool.close()
