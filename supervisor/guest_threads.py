@@ -2,8 +2,8 @@
 
 Why not `trio.to_thread.run_sync`: measured on one core, a hop through it costs ~35 µs at
 16 concurrent requests (limiter, context copy, thread cache, one wake-up per result); here
-jobs go into one lock-free queue and results that finish together are delivered in one loop
-iteration (`TrioToken.run_sync_soon`).
+jobs go into one lock-free queue, and a thread hands back the results it finished while more
+jobs were queued in one call (`TrioToken.run_sync_soon`: one wake-up of the loop for all).
 
 Why one thread drains the queue by default: a worker process runs on one core, and short
 guests (~50-100 µs) are GIL-bound Python around a short wasm call, so more threads add no
@@ -17,17 +17,24 @@ must not hold up the short guests queued behind it, nor the event loop. So:
   module's last run was) skips the queue and gets a thread of its own, niced by
   `GUEST_THREAD_NICE`: the event loop and short guests take the core from it at once.
 - A job in the queue that turns out long (it has used `LONG_JOB_S` of CPU) has its thread
-  demoted the same way; and if every active thread is on a long job while jobs wait, one more thread
-  is woken (the most recently parked: its caches are warm), which drains the queue alongside
-  and parks again once the queue is empty (a guest asleep in `poll_oneoff` spills the queue
-  this way without being demoted). A thread cannot raise its priority again without
-  privileges, so a demoted thread retires after its job and a fresh one takes its place.
+  demoted the same way; and if every active thread is on a long job while jobs wait, one
+  more thread is woken (the most recently parked: its caches are warm), which drains the
+  queue alongside and parks again once the queue is empty (a guest asleep in `poll_oneoff`
+  lets the queue pass this way without being demoted). A thread cannot raise its priority
+  again without privileges, so a demoted thread retires after its job and a fresh one takes
+  its place.
+- Finished results wait for the next job only when that job is known to be short.
 
 The demotion by the watcher comes late when the long job is CPU-bound: a thread at the loop's
 priority keeps the core for its time slice (a few ms), the loop's wake-ups included. That is
 why known long jobs never enter the queue. Measured on one core, a short guest's latency
 while another floods the pool with ~4.5 ms CPU-bound guests: p99 0.3-0.7 ms when each job had
 a thread of its own at nice +10, 4.2-4.7 ms with the watcher alone.
+
+Tried and dropped: SCHED_BATCH for the draining thread. Once results were handed back in
+batches it gained no throughput, and a batch thread does not preempt a niced long guest when
+it wakes: the noisy neighbour benchmark's quiet p99 ratio read 2.5-2.8 with it, 1.8-2.0
+without.
 
 Admission already bounds how many guests run at once, so the pool has exactly that many
 threads and needs no limiter of its own. A guest cannot be interrupted from Python: a
@@ -219,12 +226,6 @@ class _Runner:
         self.cpu_clock = time.pthread_getcpuclockid(threading.get_ident())
         pool, first = self.pool, self.first
         finished: list[tuple[trio.lowlevel.Task, outcome.Outcome]] = []  # not yet handed back
-        if first:
-            # A batch thread does not preempt the event loop when it wakes: the loop reads
-            # every request that is ready, then this thread runs their guests in one go
-            # (measured: ~10 µs less CPU per request). Same nice value, no privilege needed.
-            with contextlib.suppress(OSError, AttributeError):
-                os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
         if not first and self.inbox.get() is _STOP:
             return
         while True:
