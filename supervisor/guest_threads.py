@@ -60,7 +60,7 @@ T = TypeVar("T")
 
 _STOP = None
 LONG_JOB_S = 0.0005
-"""A job running this long is not a short guest (the demo hello runs in ~0.07 ms). A job
+"""A job that used this much CPU is not a short guest (the demo hello uses ~0.05 ms). A job
 queued behind long ones waits about this long, plus up to one watcher tick, for a thread."""
 WATCH_INTERVAL_S = 0.001
 """How often the watcher looks at the running jobs, while jobs are queued."""
