@@ -65,12 +65,17 @@ def wait_until_serving(url: str, timeout_s: float = 60) -> None:
 
 @contextlib.contextmanager
 def server(
-    argv: Sequence[str], ready_url: str, *, cpus: str = SERVER_CPU, env: dict | None = None
+    argv: Sequence[str],
+    ready_url: str,
+    *,
+    cpus: str = SERVER_CPU,
+    env: dict | None = None,
+    cwd: Path = REPO,
 ) -> Iterator[subprocess.Popen]:
     """Run `argv` pinned to `cpus` until the block ends; wait for `ready_url` first."""
     process = subprocess.Popen(
         ["taskset", "-c", cpus, *argv],
-        cwd=REPO,
+        cwd=cwd,
         env={**os.environ, **(env or {})},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
