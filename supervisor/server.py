@@ -231,6 +231,11 @@ class RequestBody:
             self._failed = True
             raise BadRequest("client went away while sending the body") from exc
 
+    @property
+    def empty(self) -> bool:
+        """No body at all: nothing to read or discard."""
+        return self._content_length == 0
+
     def _discardable(self) -> bool:
         """Whether the unread rest of the body is worth reading to keep the connection."""
         h11_conn = self._conn.h11
@@ -445,10 +450,10 @@ class _Connection:
             if content_length is not None:
                 raise h11.RemoteProtocolError("both Content-Length and Transfer-Encoding")
         elif not content_length:
-            # No body (RFC 9112 §6.3): take h11's EndOfMessage now, so the request is
-            # complete whether or not the handler reads it.
+            # No body (RFC 9112 §6.3): the request is complete. h11's EndOfMessage is left
+            # unread (it consumes no bytes): `_exchange` knows the body is done, and the next
+            # request starts on a fresh h11 connection fed the bytes after this head.
             content_length = 0
-            self.h11.next_event()
         http_version = event.http_version.decode("ascii")
         # RFC 9112 §9.3: HTTP/1.1 persists unless "close"; HTTP/1.0 only with "keep-alive".
         if connection is None:
@@ -484,7 +489,9 @@ class _Connection:
             log.exception("handler failed, request %s", request.request_id)
             response = _error_response(HTTPStatus.INTERNAL_SERVER_ERROR)
         h11_conn = self.h11
-        body_done = h11_conn.their_state is h11.DONE or h11_conn.their_state is h11.MUST_CLOSE
+        body_done = (
+            body.empty or h11_conn.their_state is h11.DONE or h11_conn.their_state is h11.MUST_CLOSE
+        )
         keep_alive = keep_alive and not server.closing and (body_done or body._discardable())
         if not await self._respond(request, response, keep_alive):
             if not body_done or h11_conn.trailing_data[0]:
