@@ -154,6 +154,34 @@ async def test_queue_wait_times_out_with_429(autojump_clock: trio.testing.MockCl
         nursery.cancel_scope.cancel()
 
 
+async def test_each_waiter_times_out_at_its_own_deadline(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """A later waiter with a shorter timeout is turned away first; the others keep waiting."""
+    admission = Admission(slots=1, global_queue=10)
+    slow = TenantLimits(max_concurrency=1, max_queue=5, queue_timeout_ms=10_000)
+    fast = TenantLimits(max_concurrency=1, max_queue=5, queue_timeout_ms=1_000)
+    async with trio.open_nursery() as nursery:
+        reqs = Requests(admission, nursery)
+        await reqs.start("holder", "acme")
+        await reqs.start("patient", "bravo", slow)
+        await reqs.start("hasty", "charlie", fast)
+
+        mock_clock.jump(0.999)
+        await reqs.settle()
+        assert reqs.outcomes == {}
+        mock_clock.jump(0.002)
+        await reqs.settle()
+        assert reqs.outcomes == {"hasty": "rejected:queue_timeout"}
+        assert admission.statistics().waiting == 1
+
+        mock_clock.jump(9)
+        await reqs.settle()
+        assert reqs.outcomes["patient"] == "rejected:queue_timeout"
+        assert admission.statistics().waiting == 0
+        nursery.cancel_scope.cancel()
+
+
 async def test_quiet_tenant_is_not_starved_by_a_flooding_one(reqs: Requests) -> None:
     for i in range(52):
         await reqs.start(f"flood-{i}", "flooder")
