@@ -16,7 +16,6 @@ then the medians and the throughput ratio against the peer.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -24,16 +23,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import LOAD_CPU, REPO, SERVER_CPU, free_port, server, wrk
+from harness import (
+    LOAD_CPU,
+    REPO,
+    SERVER_CPU,
+    cpu_seconds,
+    free_port,
+    server,
+    supervisor_argv,
+    wrk,
+)
 
 CONNECTIONS = 16
 WARMUP_S = 2
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of process `pid` (all its threads) so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def measure(argv: list[str], url: str, cwd: Path, seconds: int) -> tuple[float, float]:
@@ -63,13 +65,14 @@ def main() -> None:
             rows["peer"].append(measure(peer, url, REPO, args.seconds))
             for index, checkout in enumerate(checkouts):
                 port = free_port()
-                argv = [
-                    str(checkout / ".venv" / "bin" / "python"), "-m", "supervisor.cli", "serve",
-                    "--workers", "1", "--listen", f"127.0.0.1:{port}",
-                    "--metrics-listen", "127.0.0.1:0", "--tenants", str(checkout / "tenants"),
-                    "--policies", str(checkout / "policies"),
-                    "--cache", str(Path(caches) / str(index)), "--log-level", "warning",
-                ]  # fmt: skip
+                argv = supervisor_argv(
+                    port,
+                    Path(caches) / str(index),
+                    workers=1,
+                    tenants=checkout / "tenants",
+                    policies=checkout / "policies",
+                    python=str(checkout / ".venv" / "bin" / "python"),
+                )
                 url = f"http://127.0.0.1:{port}/demo/hello"
                 rows[str(checkout)].append(measure(argv, url, checkout, args.seconds))
     peer_rate = statistics.median(rate for rate, _ in rows["peer"])

@@ -92,6 +92,45 @@ def server(
             process.wait()
 
 
+def supervisor_argv(
+    port: int,
+    cache: Path,
+    *,
+    workers: int,
+    tenants: Path,
+    policies: Path,
+    python: str = sys.executable,
+) -> list[str]:
+    """`serve` on 127.0.0.1:`port`, access log off; `python`: the checkout's interpreter."""
+    return [
+        python, "-m", "supervisor.cli", "serve", "--listen", f"127.0.0.1:{port}",
+        "--metrics-listen", "127.0.0.1:0", "--tenants", str(tenants),
+        "--policies", str(policies), "--cache", str(cache), "--workers", str(workers),
+        "--log-level", "warning",
+    ]  # fmt: skip
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (children of any of their threads)."""
+    pids, index = [pid], 0
+    while index < len(pids):
+        with contextlib.suppress(FileNotFoundError):
+            for task in Path(f"/proc/{pids[index]}/task").iterdir():
+                pids += [int(child) for child in (task / "children").read_text().split()]
+        index += 1
+    return pids
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time used so far by `pid` and every process under it."""
+    total = 0
+    for member in process_tree(pid):
+        with contextlib.suppress(FileNotFoundError):
+            fields = Path(f"/proc/{member}/stat").read_text().rpartition(")")[2].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def wrk(url: str, *, seconds: int, connections: int, cpus: str = LOAD_CPU) -> WrkResult:
     require("wrk", "wrk")
     output = subprocess.run(

@@ -59,10 +59,13 @@ from harness import (
     REPO,
     SERVER_CPU,
     WrkResult,
+    cpu_seconds,
     free_port,
     parse_wrk,
+    process_tree,
     require,
     server,
+    supervisor_argv,
 )
 
 BENCH = REPO / "bench"
@@ -80,7 +83,6 @@ NGINX = Path("/usr/sbin/nginx")
 FCGIWRAP = Path("/usr/sbin/fcgiwrap")
 FCGIWRAP_PROCESSES = 4
 """fcgiwrap children (all on cpu 0): each runs one CGI request at a time."""
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 # What the issue asks of each comparison.
 TARGET_VS_CGI = 2.0
@@ -107,17 +109,6 @@ class Report:
 # Running things --------------------------------------------------------------------------------
 
 
-def supervisor_argv(
-    port: int, cache: Path, *, workers: int, tenants: Path, policies: Path
-) -> list[str]:
-    return [
-        sys.executable, "-m", "supervisor.cli", "serve", "--listen", f"127.0.0.1:{port}",
-        "--metrics-listen", "127.0.0.1:0", "--tenants", str(tenants),
-        "--policies", str(policies), "--cache", str(cache), "--workers", str(workers),
-        "--log-level", "warning",
-    ]  # fmt: skip
-
-
 def run_wrk(
     url: str, *, seconds: float, connections: int, cpus: str, script: Path | None = None
 ) -> tuple[WrkResult, float]:
@@ -132,27 +123,6 @@ def run_wrk(
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return parse_wrk(output), cpu
-
-
-def process_tree(pid: int) -> list[int]:
-    """`pid` and its descendants (children of any of their threads)."""
-    pids, index = [pid], 0
-    while index < len(pids):
-        with contextlib.suppress(FileNotFoundError):
-            for task in Path(f"/proc/{pids[index]}/task").iterdir():
-                pids += [int(child) for child in (task / "children").read_text().split()]
-        index += 1
-    return pids
-
-
-def cpu_seconds(pid: int) -> float:
-    """CPU time used so far by `pid` and every process under it."""
-    total = 0
-    for member in process_tree(pid):
-        with contextlib.suppress(FileNotFoundError):
-            fields = Path(f"/proc/{member}/stat").read_text().rpartition(")")[2].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / CLOCK_TICKS
 
 
 def rss_bytes(pid: int) -> int:
@@ -261,7 +231,10 @@ def bench_hello(report: Report, cache: Path, seconds: int, rounds: int) -> None:
     capped_policies = Path(tempfile.mkdtemp(prefix="bench-policies-"))
     shutil.copytree(REPO / "policies", capped_policies, dirs_exist_ok=True)
     demo = capped_policies / "demo.toml"
-    demo.write_text(demo.read_text().replace("max_concurrency = 16", "max_concurrency = 8"))
+    policy = demo.read_text()
+    if "max_concurrency = 16" not in policy:
+        sys.exit("policies/demo.toml no longer says max_concurrency = 16: update bench_hello")
+    demo.write_text(policy.replace("max_concurrency = 16", "max_concurrency = 8"))
 
     def measure(name: str, url: str) -> None:
         run_wrk(url, seconds=WARMUP_S, connections=CONNECTIONS, cpus=LOAD_CPU)
