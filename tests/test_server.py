@@ -201,6 +201,33 @@ async def test_pipelined_requests_are_answered_in_order():
     assert [(s["path"], s["body"]) for s in seen] == [("/1", ""), ("/2", "two"), ("/3", "")]
 
 
+async def test_pipelined_heads_of_both_parsers_are_answered_in_order_then_a_bad_one_closes():
+    # Plain GETs take the fast head parser; a body, a `Content-Length: 0` and a bare-LF head
+    # take h11's: the bytes after each must reach the next request whichever parser read it.
+    async with running(echo) as server:
+        raw = await server.connect()
+        await raw.send(
+            get("/1")
+            + post("/2", b"two")
+            + get("/3", "Content-Length: 0")
+            + b"GET /4 HTTP/1.1\nHost: x\n\n"
+            + get("/5")
+            + b"NOT A REQUEST\r\n\r\n"
+        )
+        replies = [await raw.reply() for _ in range(6)]
+        assert await raw.closed_by_server()
+        await raw.close()
+    seen = [json.loads(reply.body) for reply in replies[:5]]
+    assert [(s["path"], s["body"]) for s in seen] == [
+        ("/1", ""),
+        ("/2", "two"),
+        ("/3", ""),
+        ("/4", ""),
+        ("/5", ""),
+    ]
+    assert replies[5].status == 400
+
+
 async def test_http10_closes_after_the_response():
     async with running(echo) as server:
         raw = await server.connect()
