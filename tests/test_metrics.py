@@ -19,8 +19,10 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_om
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 from supervisor import cli, metrics
 from supervisor.admission import Admission
@@ -189,6 +191,46 @@ def test_five_thousand_tenants_make_no_more_series_than_the_bounded_set(tmp_path
     assert many == few
     tenant_values = {dict(labels).get("tenant") for _, labels in many} - {None}
     assert tenant_values == {"t00000", "t00001", metrics.OTHER_TENANT, metrics.NO_TENANT}
+
+
+def test_request_series_are_those_of_prometheus_clients_own_instruments(tmp_path):
+    # The gateway's series are plain numbers (no lock per update); they must read as the
+    # Counter and Histogram they replace: same series, same values, bucket bounds inclusive.
+    reference = CollectorRegistry()
+    requests = Counter(
+        "wasm_supervisor_requests", "", ["tenant", "outcome", "status_class"], registry=reference
+    )
+    duration = Histogram(
+        "wasm_supervisor_request_duration_seconds",
+        "",
+        ["tenant"],
+        buckets=metrics.LATENCY_BUCKETS,
+        registry=reference,
+    )
+    fuel = Counter("wasm_supervisor_guest_fuel_consumed", "", ["tenant"], registry=reference)
+    with Sandbox() as sandbox:
+        m = metrics.Metrics(
+            Admission(slots=1, global_queue=1), _registry(tmp_path, sandbox, []), tenants={"a"}
+        )
+    observed = [
+        ("a", 200, Outcome.OK, 0.0025, 0),  # exactly a bound: counted in it
+        ("b", 503, Outcome.FUEL, 0.0, 2**60 + 1),
+        ("a", 404, Outcome.NOT_FOUND, 61.0, 7),  # past the last bound: +Inf only
+        ("-", 429, Outcome.REJECTED, 1e-7, 0),
+        ("a", 200, Outcome.OK, 0.1, 12),
+    ]
+    for tenant, status, outcome, duration_s, fuel_used in observed:
+        m.observe_request(tenant, status, outcome, duration_s, fuel_used, 0)
+        label = m.tenant_label(tenant)
+        requests.labels(label, str(outcome), f"{status // 100}xx").inc()
+        duration.labels(label).observe(duration_s)
+        fuel.labels(label).inc(fuel_used)
+
+    def series(registry: CollectorRegistry) -> dict[str, list[Sample]]:
+        names = {family.name for family in reference.collect()}
+        return {f.name: f.samples for f in registry.collect() if f.name in names}
+
+    assert series(m.registry) == series(reference)
 
 
 def test_a_configured_tenant_named_other_is_refused():
