@@ -199,9 +199,8 @@ class Sandbox:
             )
             try:
                 store.set_wasi(
-                    [arg.encode() for arg in argv],
-                    [name.encode() for name in env],
-                    [value.encode() for value in env.values()],
+                    argv,
+                    env,
                     stdin,
                     [(volume.host_dir.encode(), volume.guest_path.encode()) for volume in volumes],
                 )

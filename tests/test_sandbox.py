@@ -11,6 +11,7 @@ from supervisor.sandbox import GuestLimits, Sandbox
 
 GUESTS = Path(__file__).parent / "guests"
 BENCH_GUESTS = Path(__file__).parent.parent / "bench" / "guests"
+DEMO = Path(__file__).parent.parent / "tenants" / "demo"
 LIMITS = GuestLimits(
     fuel=10**10, memory_bytes=16 << 20, timeout_ms=10_000, max_stdout_bytes=1 << 20
 )
@@ -40,3 +41,31 @@ def test_a_cpu_bound_guest_reports_its_cpu_time(sandbox):
     assert run.error is None and not run.slept
     assert run.cpu_s > 0
     assert run.cpu_s <= run.duration_s + 0.001  # thread CPU time never exceeds wall time
+
+
+def _output(sandbox: Sandbox, wat: Path, argv: list[str], env: dict[str, str]) -> str:
+    """The guest's stdout after its header block."""
+    prepared = sandbox.prepare(wasmtime.Module(sandbox.engine, wat.read_text()))
+    run = sandbox.run(prepared, "_start", argv=argv, env=env, stdin=b"", limits=LIMITS)
+    assert run.error is None
+    return run.stdout.partition(b"\n\n")[2].decode()
+
+
+def test_the_guest_sees_argv_and_env_exactly_as_given(sandbox):
+    argv = ["/p\u00e4th", "", "\u65e5\u672c=\U0001f600", "a b"]
+    env = {"A": "1", "EMPTY": "", "N\u00c4ME": "v\u00e4lue \u65e5\u672c \U0001f600", "Z": "last"}
+    assert _output(sandbox, GUESTS / "argv.wat", argv, env) == "".join(f"{a}\n" for a in argv)
+    assert _output(sandbox, GUESTS / "argv.wat", [], {}) == ""
+    assert _output(sandbox, DEMO / "echo.wat", argv, env) == "\n---\n" + "".join(
+        f"{name}={value}\n" for name, value in env.items()
+    )
+
+
+def test_a_nul_ends_its_own_string_and_no_other(sandbox):
+    """C strings: a NUL (a decoded `%00` in PATH_INFO, say) cuts the string it is in."""
+    argv = ["/a\0b", "n\u00e4\0x", "z"]
+    env = {"PATH_INFO": "/a\0b", "N\0AME": "n\u00e4\0x", "LAST": "z"}
+    assert _output(sandbox, GUESTS / "argv.wat", argv, env) == "/a\nn\u00e4\nz\n"
+    assert (
+        _output(sandbox, DEMO / "echo.wat", argv, env) == "\n---\nPATH_INFO=/a\nN=n\u00e4\nLAST=z\n"
+    )

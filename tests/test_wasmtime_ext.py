@@ -55,7 +55,7 @@ def _run(engine, linker, wat: str, *, fuel: int = 1_000_000) -> tuple[Exception 
     store = wasmtime_ext.GuestStore(engine)
     try:
         store.set_limits(fuel=fuel, epoch_ticks=1000, memory_bytes=1 << 20)
-        store.set_wasi([b"prog", b"arg"], [b"A"], [b"b"], b"stdin bytes", [])
+        store.set_wasi(["prog", "arg"], {"A": "b"}, b"stdin bytes", [])
         assert store.instantiate(pre) is None
         failure = store.call(b"_start")
         assert store.memory_size() == 65536
@@ -106,7 +106,7 @@ def test_a_missing_export_is_reported_not_raised():
     store = wasmtime_ext.GuestStore(engine)
     try:
         store.set_limits(fuel=1000, epoch_ticks=1000, memory_bytes=1 << 20)
-        store.set_wasi([b"prog"], [], [], b"", [])
+        store.set_wasi(["prog"], {}, b"", [])
         assert store.instantiate(pre) is None
         assert isinstance(store.call(b"nope"), wasmtime_ext.NoSuchFunction)
     finally:
