@@ -19,7 +19,6 @@ they record a fault on the request's own state and stop the guest by emptying it
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import math
 import struct
@@ -59,6 +58,7 @@ ERRNO_FAULT = 21
 ERRNO_INVAL = 28
 
 _IOVEC = struct.Struct("<II")
+_U32 = struct.Struct("<I")
 _SUBSCRIPTION_SIZE = 48
 _SUBSCRIPTION_HEAD = struct.Struct("<QB")  # userdata, tag
 _SUBSCRIPTION_CLOCK = struct.Struct("<IxxxxQQH")  # clock id, timeout ns, precision, flags
@@ -250,28 +250,28 @@ class Sandbox:
             state: _RunState = self._local.state
             if fd not in (1, 2):
                 return ERRNO_BADF
-            base, length = wasmtime_ext.caller_memory(caller)
+            memory = wasmtime_ext.caller_memory(caller)
+            length = len(memory)
             if iovs + 8 * iovs_len > length or nwritten + 4 > length:
                 return ERRNO_FAULT
-            table = ctypes.string_at(base + iovs, 8 * iovs_len)
             total = 0
-            for offset in range(0, 8 * iovs_len, 8):
-                pointer, size = _IOVEC.unpack_from(table, offset)
+            for offset in range(iovs, iovs + 8 * iovs_len, 8):
+                pointer, size = _IOVEC.unpack_from(memory, offset)
                 if pointer + size > length:
                     return ERRNO_FAULT
                 if size:
                     total += size
                     if fd == 1:
-                        state.stdout += ctypes.string_at(base + pointer, size)
+                        state.stdout += memory[pointer : pointer + size]
                     else:
-                        _append_stderr(state, ctypes.string_at(base + pointer, size))
+                        _append_stderr(state, memory[pointer : pointer + size])
             if fd == 1 and len(state.stdout) > state.max_stdout:
                 del state.stdout[state.max_stdout :]
                 state.fault = GuestOutputTooLarge(
                     f"guest output exceeded max_response_bytes ({state.max_stdout} bytes)"
                 )
                 wasmtime_ext.stop_guest(caller)
-            ctypes.memmove(base + nwritten, total.to_bytes(4, "little"), 4)
+            _U32.pack_into(memory, nwritten, total)
             return ERRNO_SUCCESS
         except Exception:  # a bug here must not leak into another request's trap
             log.exception("fd_write failed")
@@ -283,14 +283,15 @@ class Sandbox:
             state: _RunState = self._local.state
             if count <= 0 or count > _MAX_SUBSCRIPTIONS:
                 return ERRNO_INVAL
-            base, length = wasmtime_ext.caller_memory(caller)
+            memory = wasmtime_ext.caller_memory(caller)
+            length = len(memory)
             if (
                 in_ptr + count * _SUBSCRIPTION_SIZE > length
                 or out_ptr + count * _EVENT_SIZE > length
                 or nevents + 4 > length
             ):
                 return ERRNO_FAULT
-            raw = ctypes.string_at(base + in_ptr, count * _SUBSCRIPTION_SIZE)
+            raw = memory[in_ptr : in_ptr + count * _SUBSCRIPTION_SIZE]
             events, wake_at = _poll(raw, count)
             if not events:
                 state.slept = True
@@ -303,8 +304,8 @@ class Sandbox:
                 time.sleep(max(0.0, wake_at - now))
                 events, _ = _poll(raw, count, clocks_due=True)
             out = b"".join(events)
-            ctypes.memmove(base + out_ptr, out, len(out))
-            ctypes.memmove(base + nevents, len(events).to_bytes(4, "little"), 4)
+            memory[out_ptr : out_ptr + len(out)] = out
+            _U32.pack_into(memory, nevents, len(events))
             return ERRNO_SUCCESS
         except Exception:
             log.exception("poll_oneoff failed")

@@ -98,6 +98,7 @@ _EXTERN_FUNC = ffi.WASMTIME_EXTERN_FUNC.value
 _EXTERN_MEMORY = ffi.WASMTIME_EXTERN_MEMORY.value
 _MEMORY_NAME = b"memory"
 _NO_FINALIZER = ctypes.CFUNCTYPE(None, ctypes.c_void_p)()
+_NO_MEMORY = (ctypes.c_char * 0)()
 
 HostCallback = Callable[[int, Sequence[int]], int]
 """(caller pointer as int, i32 arguments) -> i32 result. Must never raise."""
@@ -250,20 +251,24 @@ def _failure(error: ctypes._Pointer, trap: ctypes._Pointer) -> Exception | None:
     return None
 
 
-def caller_memory(caller: int) -> tuple[int, int]:
-    """The calling instance's `memory`: (base address, length); (0, 0) without one.
+def caller_memory(caller: int) -> ctypes.Array:
+    """The calling instance's `memory` as a writable byte array (empty without one).
 
-    Valid until the host call returns. Reads and writes go through `ctypes.string_at` and
-    `ctypes.memmove` after a bounds check against the length.
+    Valid until the host call returns. Callbacks bounds-check against its `len`, then read
+    and write it with slicing and `struct.unpack_from`/`pack_into`: no ctypes call per access
+    (`string_at`/`memmove` cost 0.3 to 0.9 µs each).
     """
     item = ffi.wasmtime_extern_t()
     if not _caller_export_get(caller, _MEMORY_NAME, len(_MEMORY_NAME), ctypes.byref(item)):
-        return 0, 0
+        return _NO_MEMORY
     if item.kind != _EXTERN_MEMORY:
-        return 0, 0
+        return _NO_MEMORY
     context = _caller_context(caller)
     memory = ctypes.byref(item.of.memory)
-    return _memory_data(context, memory) or 0, _memory_data_size_raw(context, memory)
+    size = _memory_data_size_raw(context, memory)
+    if not size:
+        return _NO_MEMORY
+    return (ctypes.c_char * size).from_address(_memory_data(context, memory))
 
 
 def stop_guest(caller: int) -> None:
@@ -309,10 +314,13 @@ def define_host_function(
     i32 = wasmtime.ValType.i32()
     functype = wasmtime.FuncType([i32] * params, [i32])
     layout = struct.Struct("<" + f"I{_VAL_RAW_SIZE - 4}x" * params)
+    values_type = ctypes.c_char * layout.size
+    result_type = ctypes.c_int32
 
     def trampoline(_env: int, caller: int, values: int, _count: int) -> int:
-        result = callback(caller, layout.unpack(ctypes.string_at(values, layout.size)))
-        ctypes.memmove(values, result.to_bytes(4, "little", signed=True), 4)
+        # Views on the values in place, not `string_at`/`memmove` calls: ~1 µs less a call.
+        result = callback(caller, layout.unpack_from(values_type.from_address(values)))
+        result_type.from_address(values).value = result
         return 0  # no trap
 
     c_callback = _UNCHECKED_CALLBACK(trampoline)

@@ -6,8 +6,6 @@ these fail first and say which piece broke, before any request does.
 
 from __future__ import annotations
 
-import ctypes
-
 import wasmtime
 
 from supervisor import wasmtime_ext
@@ -64,21 +62,27 @@ def _run(engine, linker, wat: str, *, fuel: int = 1_000_000) -> tuple[Exception 
         store.close()
 
 
-def test_a_host_function_reads_guest_memory_and_returns_a_result():
-    seen: list[bytes] = []
+def test_a_host_function_reads_and_writes_guest_memory_and_returns_a_result():
+    """The second write's fd is the first's result, and reads what the first wrote."""
+    wat = HELLO.replace(
+        "(drop (call $write (i32.const 1)",
+        "(drop (call $write (call $write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8))",
+    )
+    seen: list[tuple[int, bytes]] = []
 
     def fd_write(caller: int, args: list[int]) -> int:
         fd, iovs, _count, _nwritten = args
-        base, length = wasmtime_ext.caller_memory(caller)
-        assert length == 65536
-        pointer = int.from_bytes(ctypes.string_at(base + iovs, 4), "little")
-        seen.append((fd, ctypes.string_at(base + pointer, 2)))
-        return 0
+        memory = wasmtime_ext.caller_memory(caller)
+        assert len(memory) == 65536
+        pointer = int.from_bytes(memory[iovs : iovs + 4], "little")
+        seen.append((fd, memory[pointer : pointer + 2]))
+        memory[pointer : pointer + 2] = b"HI"
+        return 7
 
     engine = _engine()
-    failure, fuel_used = _run(engine, _linker(engine, fd_write), HELLO)
+    failure, fuel_used = _run(engine, _linker(engine, fd_write), wat)
     assert failure is None
-    assert seen == [(1, b"hi")]
+    assert seen == [(1, b"hi"), (7, b"HI")]
     assert fuel_used > 0
 
 
