@@ -63,9 +63,24 @@ _wasi_set_env = _hold(
     [ctypes.POINTER(ffi.wasi_config_t), ctypes.c_size_t, ctypes.c_void_p, ctypes.c_void_p],
 )
 _wasi_set_stdin_bytes = _hold("wasi_config_set_stdin_bytes")
-_wasi_preopen_dir = _hold("wasi_config_preopen_dir")
-_byte_vec_new = _hold("wasm_byte_vec_new")
-_export_get = _hold("wasmtime_instance_export_get")
+_wasi_preopen_dir = _hold(
+    "wasi_config_preopen_dir",
+    [ctypes.POINTER(ffi.wasi_config_t), ctypes.c_char_p, ctypes.c_char_p, ctypes.c_bool],
+)
+# Strings and byte buffers go in as `c_char_p`: bytes pass as they are, no cast per call.
+_byte_vec_new = _hold(
+    "wasm_byte_vec_new", [ctypes.POINTER(ffi.wasm_byte_vec_t), ctypes.c_size_t, ctypes.c_char_p]
+)
+_export_get = _hold(
+    "wasmtime_instance_export_get",
+    [
+        ctypes.POINTER(ffi.wasmtime_context_t),
+        ctypes.POINTER(ffi.wasmtime_instance_t),
+        ctypes.c_char_p,
+        ctypes.c_size_t,
+        ctypes.POINTER(ffi.wasmtime_extern_t),
+    ],
+)
 _caller_export_get = _hold(
     "wasmtime_caller_export_get",
     [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t, ctypes.POINTER(ffi.wasmtime_extern_t)],
@@ -92,7 +107,6 @@ _argz_extract.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_void_p]
 _argz_extract.restype = None
 _POINTER_SIZE = ctypes.sizeof(ctypes.c_void_p)
 
-_CHARS = ctypes.POINTER(ctypes.c_char)
 _TRAP_POINTER = ctypes.POINTER(ffi.wasm_trap_t)
 _EXTERN_FUNC = ffi.WASMTIME_EXTERN_FUNC.value
 _EXTERN_MEMORY = ffi.WASMTIME_EXTERN_MEMORY.value
@@ -109,10 +123,6 @@ _callbacks: list[object] = []
 
 class NoSuchFunction(Exception):
     """The instance exports no function of that name."""
-
-
-def _chars(data: bytes) -> ctypes._Pointer:
-    return ctypes.cast(ctypes.c_char_p(data), _CHARS)
 
 
 def _string_arrays(*lists: Collection[str]) -> tuple[object, list[int]]:
@@ -186,14 +196,10 @@ class GuestStore:
             del alive  # wasmtime has copied the strings
             if stdin:
                 vec = ffi.wasm_byte_vec_t()
-                _byte_vec_new(
-                    ctypes.byref(vec),
-                    len(stdin),
-                    ctypes.cast(_chars(stdin), ctypes.POINTER(ffi.wasm_byte_t)),
-                )
+                _byte_vec_new(ctypes.byref(vec), len(stdin), stdin)
                 _wasi_set_stdin_bytes(config, ctypes.byref(vec))  # takes the vector's buffer
             for host_dir, guest_path in preopens:
-                if not _wasi_preopen_dir(config, _chars(host_dir), _chars(guest_path), False):
+                if not _wasi_preopen_dir(config, host_dir, guest_path, False):
                     raise wasmtime.WasmtimeError(f"cannot open volume {host_dir!r}")
         finally:
             # set_wasi takes ownership of the config, even on error.
@@ -216,7 +222,7 @@ class GuestStore:
         WasmtimeError or NoSuchFunction), or None."""
         item = ffi.wasmtime_extern_t()
         found = _export_get(
-            self._context, ctypes.byref(self._instance), _chars(name), len(name), ctypes.byref(item)
+            self._context, ctypes.byref(self._instance), name, len(name), ctypes.byref(item)
         )
         if not found or item.kind != _EXTERN_FUNC:
             return NoSuchFunction(name.decode(errors="replace"))
@@ -234,7 +240,7 @@ class GuestStore:
         found = _export_get(
             self._context,
             ctypes.byref(self._instance),
-            _chars(_MEMORY_NAME),
+            _MEMORY_NAME,
             len(_MEMORY_NAME),
             ctypes.byref(item),
         )
