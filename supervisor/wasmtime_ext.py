@@ -243,7 +243,8 @@ def caller_memory(caller: int) -> ctypes.Array:
 
     Valid until the host call returns. Callbacks bounds-check against its `len`, then read
     and write it with slicing and `struct.unpack_from`/`pack_into`: no ctypes call per access
-    (`string_at`/`memmove` cost 0.3 to 0.9 µs each).
+    (`string_at`/`memmove` cost 0.3 to 0.9 µs each). ctypes caches one array type per size:
+    sizes are whole pages, so at most one per page count a guest ever reaches.
     """
     item = ffi.wasmtime_extern_t()
     if not _caller_export_get(caller, _MEMORY_NAME, len(_MEMORY_NAME), ctypes.byref(item)):
@@ -291,7 +292,7 @@ def define_host_function(
     result_type = ctypes.c_int32
 
     def trampoline(_env: int, caller: int, values: int, _count: int) -> int:
-        # Views on the values in place, not `string_at`/`memmove` calls: ~1 µs less a call.
+        # Views on the values in place, not `string_at`/`memmove` calls: ~0.7 µs less a call.
         result = callback(caller, layout.unpack_from(values_type.from_address(values)))
         result_type.from_address(values).value = result
         return 0  # no trap
