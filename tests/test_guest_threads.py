@@ -209,3 +209,33 @@ async def test_a_finished_result_is_not_held_behind_a_job_that_may_run_long():
     finally:
         finish_first.set()
         pool.close()
+
+
+async def test_a_job_runs_while_other_tasks_keep_the_loop_busy():
+    # Jobs are queued just before the loop waits for I/O, which it also does (with a zero
+    # timeout) between turns that have runnable tasks: a loop that never idles still queues.
+    pool = GuestThreads(1)
+    done = False
+
+    async def keep_busy() -> None:
+        while not done:
+            await trio.lowlevel.checkpoint()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(keep_busy)
+            # A job never queued hangs this test: a caller cannot stop waiting for its job.
+            assert await pool.run(lambda: "ran") == "ran"
+            done = True
+    finally:
+        pool.close()
+
+
+async def test_a_closed_pool_leaves_another_pool_of_the_same_loop_working():
+    first, second = GuestThreads(1), GuestThreads(1)
+    try:
+        assert await first.run(lambda: 1) == 1
+        first.close()
+        assert await second.run(lambda: 2) == 2
+    finally:
+        second.close()
