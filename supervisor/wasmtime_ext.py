@@ -83,7 +83,10 @@ _instantiate_pre = _bind(ffi.dll, "wasmtime_instance_pre_instantiate")
 _func_call = _bind(ffi.dll, "wasmtime_func_call")
 
 # glibc (the image is Debian): splits a buffer of NUL-separated strings into a pointer table.
-_argz_extract = ctypes.PyDLL(None).argz_extract
+try:
+    _argz_extract = ctypes.PyDLL(None).argz_extract
+except AttributeError:
+    raise ImportError("wasm-supervisor needs Linux with glibc (it calls argz_extract)") from None
 _argz_extract.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_void_p]
 _argz_extract.restype = None
 _POINTER_SIZE = ctypes.sizeof(ctypes.c_void_p)
