@@ -177,11 +177,8 @@ class Gateway:
             volumes=target.volumes,
         )
         prepared = target.prepared
-        last_run_long = prepared.last_run_long
         async with self.admission.admit(tenant.name, tenant.admission_limits):
-            run = await self.guest_threads.run(
-                run_guest, long=last_run_long is True, short=last_run_long is False
-            )
+            run = await self.guest_threads.run(run_guest, long=prepared.last_run_long)
         prepared.last_run_long = run.slept or run.cpu_s >= LONG_JOB_S
         if run.stderr:
             _log_stderr(tenant.name, request.request_id, run)

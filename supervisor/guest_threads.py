@@ -118,12 +118,12 @@ class GuestThreads:
             low.thread.start()
         trio.lowlevel.spawn_system_task(self._watch, name=f"{name}-watcher")
 
-    async def run(self, function: Callable[[], T], *, long: bool = False, short: bool = False) -> T:
+    async def run(self, function: Callable[[], T], *, long: bool | None = None) -> T:
         """Run `function()` on a guest thread and return (or raise) what it did.
 
-        `long`: the job is expected to run long; `short`: to run short (its module's last run
-        did), so results finished before it may wait for it, to be handed back together.
-        Neither: unknown. More callers at once than threads is a bug.
+        `long`: whether the job is expected to run long (its module's last run did), None if
+        not known. A job expected short lets results finished before it wait for it, to be
+        handed back together. More callers at once than threads is a bug.
         """
         await trio.lowlevel.checkpoint_if_cancelled()
         if long:
@@ -133,7 +133,7 @@ class GuestThreads:
                 raise RuntimeError("more guests than guest threads: admission is broken") from None
             low.inbox.put((function, trio.lowlevel.current_task(), False))
             return await trio.lowlevel.wait_task_rescheduled(_cannot_abort)
-        self._submitted.append((function, trio.lowlevel.current_task(), short))
+        self._submitted.append((function, trio.lowlevel.current_task(), long is False))
         self._watcher_needed.set()
         return await trio.lowlevel.wait_task_rescheduled(_cannot_abort)
 

@@ -190,7 +190,7 @@ async def test_a_finished_result_is_not_held_behind_a_job_that_may_run_long():
         return first_result_arrived.wait(10)
 
     async def first() -> None:
-        assert await pool.run(short_job, short=True) == 1
+        assert await pool.run(short_job, long=False) == 1
         first_result_arrived.set()
 
     results: list[bool] = []
