@@ -83,8 +83,10 @@ class GuestLimits:
 
 @dataclass(frozen=True, slots=True)
 class Volume:
-    host_dir: str
-    guest_path: str
+    """A read-only preopen, its paths encoded once when the tenant loads, not per request."""
+
+    host_dir: bytes
+    guest_path: bytes
 
 
 @dataclass(slots=True)
@@ -202,7 +204,7 @@ class Sandbox:
                     argv,
                     env,
                     stdin,
-                    [(volume.host_dir.encode(), volume.guest_path.encode()) for volume in volumes],
+                    [(volume.host_dir, volume.guest_path) for volume in volumes],
                 )
             except WasmtimeError as exc:
                 failure = exc

@@ -557,7 +557,7 @@ def _resolve_volumes(
             raise ConfigError(
                 source, f"volumes.{guest_path}", f"{folder!r} is not a folder inside {tenant_dir}"
             )
-        resolved.append(Volume(str(host), guest_path))
+        resolved.append(Volume(str(host).encode(), guest_path.encode()))
     return tuple(resolved)
 
 
