@@ -117,6 +117,26 @@ _LIMITS: Mapping[str, _Limit] = MappingProxyType(
         # The smallest useful module is bytes, a language runtime ~100MiB; 4GiB is wasm32's cap.
         "max_module_bytes": _Limit(1 * KiB, 4 * GiB, size=True),
         "max_modules": _Limit(1, 100_000),
+        # Guest stderr kept per request (the tenant's log); held in memory while the guest runs.
+        "max_stderr_bytes": _Limit(0, 16 * MiB, size=True),
+        # CGI response headers: parsing and encoding them grows with their number and size.
+        "max_response_headers": _Limit(1, 10_000),
+        "max_response_header_bytes": _Limit(1 * KiB, 16 * MiB, size=True),
+        # Subscriptions in one poll_oneoff call: each is host work done while holding the GIL.
+        "max_poll_subscriptions": _Limit(1, 4096),
+        # Routes a module may declare (its own plus `_routes`), and a tenant may hold in all:
+        # every worker keeps them in memory.
+        "max_routes_per_module": _Limit(1, 100_000),
+        "max_routes": _Limit(1, 1_000_000),
+        # `_routes` output read per module version.
+        "max_routes_output_bytes": _Limit(1 * KiB, 16 * MiB, size=True),
+        # Compile time and memory grow with the functions and code of a module.
+        "max_module_functions": _Limit(1, 10_000_000),
+        "max_code_bytes": _Limit(1 * KiB, 4 * GiB, size=True),
+        # Address space of the child process that compiles one module (RLIMIT_AS); CPython
+        # for WASI needs ~700MiB. And its CPU time: a 99MB runtime compiles in ~70 s.
+        "compile_memory_bytes": _Limit(256 * MiB, 64 * GiB, size=True),
+        "compile_cpu_seconds": _Limit(1, 3600),
     }
 )
 
@@ -152,6 +172,17 @@ class Policy:
     max_response_bytes: int = 8 * MiB
     max_module_bytes: int = 64 * MiB
     max_modules: int = 100
+    max_stderr_bytes: int = 64 * KiB
+    max_response_headers: int = 128
+    max_response_header_bytes: int = 64 * KiB
+    max_poll_subscriptions: int = 64
+    max_routes_per_module: int = 256
+    max_routes: int = 1024
+    max_routes_output_bytes: int = 64 * KiB
+    max_module_functions: int = 100_000
+    max_code_bytes: int = 64 * MiB
+    compile_memory_bytes: int = 1 * GiB
+    compile_cpu_seconds: int = 300
     admin_token_sha256: str | None = None
 
     def __post_init__(self) -> None:

@@ -362,6 +362,7 @@ class TenantRegistry:
             memory_bytes=policy.memory_bytes,
             timeout_ms=policy.timeout_ms,
             max_stdout_bytes=policy.max_response_bytes,
+            max_stderr_bytes=policy.max_stderr_bytes,
         )
         policy_volumes = _resolve_volumes(tenant_dir, policy.volumes, source=f"{name} policy")
         # (owner, source, spec): modules.toml entries, then the named modules by name.
