@@ -10,10 +10,14 @@ by `--max-examples` (about 20 s on a 2-core machine).
 
 from __future__ import annotations
 
+import json
 import sys
 
 import trio
+from conftest import REPO
 from test_admin import API, OPERATOR, OPERATOR_TOKEN, admin_tenant, greeter, start_admin, upload
+
+from supervisor.policies import DEFAULT_POLICY
 
 MAX_EXAMPLES = 15
 RUN_TIMEOUT_S = 180
@@ -75,3 +79,12 @@ async def test_every_operation_of_the_document_is_served(workspace, start_superv
             assert str(response.status_code) in documented, (method, path, response.text)
             seen.add((method, template))
     assert len(seen) == 7
+
+
+def test_the_policy_schema_names_every_key_the_api_shows():
+    """The document's Policy is what `Policy.to_dict` returns: a new policy key must be in it."""
+    document = json.loads((REPO / "supervisor" / "openapi.json").read_text())
+    schema = document["components"]["schemas"]["Policy"]
+    shown = list(DEFAULT_POLICY.to_dict())
+    assert list(schema["properties"]) == shown
+    assert schema["required"] == shown
