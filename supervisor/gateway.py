@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import wagi
@@ -18,6 +19,7 @@ from .admission import Admission
 from .errors import GuestBadOutput, NotFound, Outcome, Rejected, SupervisorError
 from .guest_threads import LONG_JOB_S, GuestThreads
 from .metrics import Metrics
+from .policies import Policy
 from .routing import RouteMatch
 from .sandbox import GuestRun, Sandbox
 from .server import Handler, Request, RequestBody, Response
@@ -82,10 +84,9 @@ class Gateway:
             resolved = self._resolve(request)
             tenant_name = resolved.tenant.name
             route = resolved.match.route.pattern
-            run = await self._run(request, body, resolved)
+            run, response, outcome = await self._run(request, body, resolved)
             fuel_used = run.fuel_used
             memory_bytes = run.memory_bytes
-            response, outcome = respond(run)
         except SupervisorError as error:
             response, outcome = error_response(error), error.outcome
         duration_s = time.perf_counter() - started
@@ -141,7 +142,10 @@ class Gateway:
             raise NotFound(f"tenant {tenant.name!r} has no route for {path!r}")
         return _Resolved(tenant, base_path, match)
 
-    async def _run(self, request: Request, body: RequestBody, resolved: _Resolved) -> GuestRun:
+    async def _run(
+        self, request: Request, body: RequestBody, resolved: _Resolved
+    ) -> tuple[GuestRun, Response, Outcome]:
+        """Run the guest and turn its output into the response, both in a guest thread."""
         tenant, match = resolved.tenant, resolved.match
         target = match.route.target
         stdin = await body.read(tenant.policy.max_request_bytes)
@@ -176,23 +180,40 @@ class Gateway:
             limits=tenant.guest_limits,
             volumes=target.volumes,
         )
+        job = functools.partial(_run_and_respond, run_guest, tenant.policy)
         prepared = target.prepared
         async with self.admission.admit(tenant.name, tenant.admission_limits):
-            run = await self.guest_threads.run(run_guest, long=prepared.last_run_long)
+            run, response, outcome = await self.guest_threads.run(job, long=prepared.last_run_long)
         prepared.last_run_long = run.slept or run.cpu_s >= LONG_JOB_S
         if run.stderr:
             _log_stderr(tenant.name, request.request_id, run)
-        return run
+        return run, response, outcome
 
 
-def respond(run: GuestRun) -> tuple[Response, Outcome]:
-    """The response to a finished guest run: its CGI output, or the error it ended in."""
+def _run_and_respond(
+    run_guest: Callable[[], GuestRun], policy: Policy
+) -> tuple[GuestRun, Response, Outcome]:
+    """A guest thread's job: the run, then its response. Parsing the output grows with it
+    (up to the policy's header bounds), so it never runs on the event loop."""
+    run = run_guest()
+    response, outcome = respond(run, policy)
+    return run, response, outcome
+
+
+def respond(run: GuestRun, policy: Policy) -> tuple[Response, Outcome]:
+    """The response to a finished guest run: its CGI output, or the error it ended in.
+
+    A bad output comes back as its error response, not raised: this ends a guest's job."""
     if run.error is not None:
         # Not raised: its traceback would hold this frame, hence `run` and its whole stdout,
         # in a cycle (run -> error -> frame -> run) that only the cyclic GC frees.
         return error_response(run.error), run.error.outcome
     try:
-        output = wagi.parse_output(run.stdout)
+        output = wagi.parse_output(
+            run.stdout,
+            max_headers=policy.max_response_headers,
+            max_header_bytes=policy.max_response_header_bytes,
+        )
         if output.status < 200:
             raise GuestBadOutput(f"guest sent an informational status {output.status}")
     except SupervisorError as error:

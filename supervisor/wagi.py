@@ -169,26 +169,45 @@ def build_argv(request: CgiRequest, template: str | None) -> list[str]:
     return request.path.join(pieces).split()
 
 
-def parse_output(stdout: bytes) -> CgiResponse:
+def parse_output(stdout: bytes, *, max_headers: int, max_header_bytes: int) -> CgiResponse:
     """Turn a guest's stdout (CGI headers, blank line, body) into a response.
 
+    The header block, its blank line included, may hold at most `max_header_bytes` bytes and
+    `max_headers` lines (any line, `Status` and lines without ':' too: each is parsed); past
+    either, `GuestBadOutput` 502 names the limit. The work done here is bounded by those two,
+    not by the size of the output: the blank line is looked for only within the bound.
     Raises `GuestBadOutput` with status 500 when the output lacks the required headers or the
     blank line (WAGI's message), and 502 when a header or the `Status` is not valid HTTP. The
     500 is checked first: output that never tried to be CGI gets the message that says so.
     `Content-Length`, `Transfer-Encoding` and `Connection` are dropped: the server frames the
     response itself. An explicit `Status` wins over `Location`'s 302; the last `Status` counts.
     """
-    end = _BLANK_FIRST_LINE.match(stdout) or _BLANK_LINE.search(stdout)
+    end = _BLANK_FIRST_LINE.match(stdout, 0, max_header_bytes) or _BLANK_LINE.search(
+        stdout, 0, max_header_bytes
+    )
     if end is None:
+        if len(stdout) > max_header_bytes:
+            raise GuestBadOutput(
+                f"guest output's header block is over {max_header_bytes} bytes"
+                " (max_response_header_bytes): no blank line ends it within them",
+                status=502,
+            )
         raise GuestBadOutput(MISSING_HEADERS_MESSAGE, status=500)
     head = stdout[: end.start()]
     if b"\r" in head:
         head = head.replace(b"\r", b"")
+    # Split at most `max_headers` times: one piece more than that means one line too many.
+    lines = head.split(b"\n", max_headers) if head else ()
+    if len(lines) > max_headers:
+        raise GuestBadOutput(
+            f"guest output's header block is over {max_headers} lines (max_response_headers)",
+            status=502,
+        )
     status_value: bytes | None = None
     has_location = has_content_type = False
     invalid: str | None = None  # the first bad header, reported once the required ones are found
     headers: list[tuple[bytes, bytes]] = []
-    for line in head.split(b"\n") if head else ():
+    for line in lines:
         raw_name, colon, raw_value = line.partition(b":")
         if not colon:
             continue  # WAGI ignores a line with no ':'

@@ -7,7 +7,8 @@ import dataclasses
 import pytest
 
 from supervisor.errors import GuestBadOutput, Outcome
-from supervisor.wagi import CgiRequest, build_argv, build_env, parse_output
+from supervisor.policies import Policy
+from supervisor.wagi import CgiRequest, CgiResponse, build_argv, build_env, parse_output
 
 MISSING = "Exactly one of 'location' or 'content-type' must be specified"
 
@@ -40,9 +41,22 @@ def env_for(request: CgiRequest | None = None, **changes: object) -> dict[str, s
     return build_env(request or make_request(), **args)
 
 
-def bad_output(stdout: bytes) -> GuestBadOutput:
+DEFAULT_HEADERS = Policy().max_response_headers
+DEFAULT_HEADER_BYTES = Policy().max_response_header_bytes
+
+
+def parse(
+    stdout: bytes,
+    max_headers: int = DEFAULT_HEADERS,
+    max_header_bytes: int = DEFAULT_HEADER_BYTES,
+) -> CgiResponse:
+    """`parse_output` with the default policy's header bounds unless told otherwise."""
+    return parse_output(stdout, max_headers=max_headers, max_header_bytes=max_header_bytes)
+
+
+def bad_output(stdout: bytes, **limits: int) -> GuestBadOutput:
     with pytest.raises(GuestBadOutput) as caught:
-        parse_output(stdout)
+        parse(stdout, **limits)
     assert caught.value.outcome is Outcome.BAD_OUTPUT
     return caught.value
 
@@ -274,53 +288,53 @@ def test_argv_template_does_not_expand_placeholders_from_the_request() -> None:
 
 
 def test_content_type_alone_gives_200() -> None:
-    response = parse_output(b"Content-Type: text/plain\n\nhello")
+    response = parse(b"Content-Type: text/plain\n\nhello")
     assert (response.status, response.reason) == (200, b"")
     assert response.headers == [(b"content-type", b"text/plain")]
     assert response.body == b"hello"
 
 
 def test_location_alone_gives_302() -> None:
-    response = parse_output(b"Location: /elsewhere\n\n")
+    response = parse(b"Location: /elsewhere\n\n")
     assert response.status == 302
     assert response.headers == [(b"location", b"/elsewhere")]
 
 
 def test_location_with_content_type_still_gives_302() -> None:
-    assert parse_output(b"Content-Type: text/html\nLocation: /x\n\n<a>").status == 302
+    assert parse(b"Content-Type: text/html\nLocation: /x\n\n<a>").status == 302
 
 
 def test_status_alone_is_enough() -> None:
-    response = parse_output(b"Status: 204\n\n")
+    response = parse(b"Status: 204\n\n")
     assert (response.status, response.headers, response.body) == (204, [], b"")
 
 
 def test_status_header_beats_location() -> None:
     for stdout in (b"Location: /x\nStatus: 301\n\n", b"Status: 301\nLocation: /x\n\n"):
-        assert parse_output(stdout).status == 301
+        assert parse(stdout).status == 301
 
 
 def test_status_sets_status_and_reason() -> None:
-    response = parse_output(b"Status: 404 Not Found Here\nContent-Type: text/plain\n\n")
+    response = parse(b"Status: 404 Not Found Here\nContent-Type: text/plain\n\n")
     assert (response.status, response.reason) == (404, b"Not Found Here")
 
 
 def test_status_reason_may_follow_a_tab() -> None:
-    assert parse_output(b"Status: 418\tteapot\n\n").reason == b"teapot"
+    assert parse(b"Status: 418\tteapot\n\n").reason == b"teapot"
 
 
 def test_status_is_consumed_not_passed_on() -> None:
-    response = parse_output(b"Status: 201\nContent-Type: a/b\n\n")
+    response = parse(b"Status: 201\nContent-Type: a/b\n\n")
     assert response.headers == [(b"content-type", b"a/b")]
 
 
 def test_last_status_counts() -> None:
-    assert parse_output(b"Status: 200\nStatus: 503\n\n").status == 503
+    assert parse(b"Status: 200\nStatus: 503\n\n").status == 503
 
 
 @pytest.mark.parametrize("code", [b"100", b"999", b"599"])
 def test_status_accepts_100_to_999(code: bytes) -> None:
-    assert parse_output(b"Status: " + code + b"\n\n").status == int(code)
+    assert parse(b"Status: " + code + b"\n\n").status == int(code)
 
 
 @pytest.mark.parametrize(
@@ -353,52 +367,52 @@ def test_leading_blank_line_is_an_empty_header_block() -> None:
 
 
 def test_required_header_names_are_case_insensitive() -> None:
-    response = parse_output(b"CONTENT-type: a/b\nlOcAtIoN: /x\n\n")
+    response = parse(b"CONTENT-type: a/b\nlOcAtIoN: /x\n\n")
     assert response.status == 302
     assert response.headers == [(b"content-type", b"a/b"), (b"location", b"/x")]
 
 
 def test_header_lines_may_end_in_crlf_or_lf() -> None:
-    response = parse_output(b"Content-Type: a/b\r\nX-One: 1\nX-Two: 2\r\n\r\nbody")
+    response = parse(b"Content-Type: a/b\r\nX-One: 1\nX-Two: 2\r\n\r\nbody")
     assert response.headers == [(b"content-type", b"a/b"), (b"x-one", b"1"), (b"x-two", b"2")]
     assert response.body == b"body"
 
 
 def test_carriage_returns_are_dropped_in_the_header_block() -> None:
-    response = parse_output(b"Content-Type: a/\rb\r\r\n\r\r\nbody")
+    response = parse(b"Content-Type: a/\rb\r\r\n\r\r\nbody")
     assert response.headers == [(b"content-type", b"a/b")]
     assert response.body == b"body"
 
 
 def test_body_is_byte_for_byte_after_first_empty_line() -> None:
     body = b"line\r\n\r\nStatus: 500\n\n\x00\xff\r"
-    response = parse_output(b"Content-Type: application/octet-stream\n\n" + body)
+    response = parse(b"Content-Type: application/octet-stream\n\n" + body)
     assert response.status == 200
     assert response.body == body
 
 
 def test_header_splits_at_first_colon_and_trims() -> None:
-    response = parse_output(b"Location:   http://example.com:8080/x?a=b:c \t\n\n")
+    response = parse(b"Location:   http://example.com:8080/x?a=b:c \t\n\n")
     assert response.headers == [(b"location", b"http://example.com:8080/x?a=b:c")]
 
 
 def test_header_name_is_trimmed() -> None:
-    assert parse_output(b" Content-Type\t: a/b\n\n").headers == [(b"content-type", b"a/b")]
+    assert parse(b" Content-Type\t: a/b\n\n").headers == [(b"content-type", b"a/b")]
 
 
 def test_header_value_may_be_empty() -> None:
-    response = parse_output(b"Content-Type: a/b\nX-Empty:\n\n")
+    response = parse(b"Content-Type: a/b\nX-Empty:\n\n")
     assert response.headers == [(b"content-type", b"a/b"), (b"x-empty", b"")]
 
 
 def test_line_without_colon_is_ignored() -> None:
-    response = parse_output(b"just some text\nContent-Type: a/b\nmore text\n\nbody")
+    response = parse(b"just some text\nContent-Type: a/b\nmore text\n\nbody")
     assert response.headers == [(b"content-type", b"a/b")]
     assert response.body == b"body"
 
 
 def test_other_headers_pass_through_lower_cased_in_order() -> None:
-    response = parse_output(b"X-B: 2\nContent-Type: a/b\nCache-Control: no-store\n\n")
+    response = parse(b"X-B: 2\nContent-Type: a/b\nCache-Control: no-store\n\n")
     assert response.headers == [
         (b"x-b", b"2"),
         (b"content-type", b"a/b"),
@@ -407,7 +421,7 @@ def test_other_headers_pass_through_lower_cased_in_order() -> None:
 
 
 def test_repeated_header_keeps_every_value() -> None:
-    response = parse_output(b"Set-Cookie: a=1\nContent-Type: a/b\nSet-Cookie: b=2\n\n")
+    response = parse(b"Set-Cookie: a=1\nContent-Type: a/b\nSet-Cookie: b=2\n\n")
     assert response.headers == [
         (b"set-cookie", b"a=1"),
         (b"content-type", b"a/b"),
@@ -416,7 +430,7 @@ def test_repeated_header_keeps_every_value() -> None:
 
 
 def test_framing_headers_from_the_guest_are_dropped() -> None:
-    response = parse_output(
+    response = parse(
         b"Content-Length: 999\nTransfer-Encoding: chunked\nConnection: close\n"
         b"Content-Type: a/b\n\nbody"
     )
@@ -444,7 +458,7 @@ def test_control_character_in_a_required_header_is_502() -> None:
 
 
 def test_header_value_may_hold_tab_and_obs_text() -> None:
-    response = parse_output(b"Content-Type: a/b\nX-Ok: a\tb \xe9\n\n")
+    response = parse(b"Content-Type: a/b\nX-Ok: a\tb \xe9\n\n")
     assert response.headers[1] == (b"x-ok", b"a\tb \xe9")
 
 
@@ -467,3 +481,76 @@ def test_error_message_escapes_control_characters() -> None:
     error = bad_output(b"Content-Type: a/b\nX\x1b[31m: v\n\n")
     assert "\x1b" not in error.message
     assert "\\x1b" in error.message
+
+
+# Guest → response: the header block is bounded (lines and bytes), and so is the work on it.
+
+
+def header_lines(count: int) -> bytes:
+    """`count` header lines, the first a Content-Type, each ending in a newline."""
+    return b"Content-Type: a/b\n" + b"".join(b"X-%d: v\n" % n for n in range(count - 1))
+
+
+def test_header_lines_up_to_the_bound_are_accepted() -> None:
+    response = parse(header_lines(128) + b"\nbody", max_headers=128)
+    assert len(response.headers) == 128
+    assert response.body == b"body"
+
+
+@pytest.mark.parametrize("count", [129, 2_000])
+def test_one_header_line_over_the_bound_is_502_naming_it(count: int) -> None:
+    error = bad_output(header_lines(count) + b"\nbody", max_headers=128)
+    assert error.status == 502
+    assert "max_response_headers" in error.message and "128" in error.message
+
+
+def test_every_line_of_the_header_block_counts_against_the_bound() -> None:
+    # Status and lines without ':' are parsed too; only the blank line that ends it is free.
+    assert parse(b"Status: 200\nno colon\nContent-Type: a/b\n\n", max_headers=3).status == 200
+    assert bad_output(b"Status: 200\nno colon\nContent-Type: a/b\n\n", max_headers=2).status == 502
+
+
+def test_an_empty_header_block_has_no_lines() -> None:
+    # Checked for its required headers (500), not against the line bound.
+    assert bad_output(b"\nbody", max_headers=1).status == 500
+
+
+def test_header_block_of_exactly_the_byte_bound_is_accepted() -> None:
+    block = b"Content-Type: a/b\n\n"  # the blank line counts: 19 bytes
+    assert parse(block + b"x" * 100, max_header_bytes=len(block)).body == b"x" * 100
+
+
+def test_header_block_of_exactly_the_byte_bound_with_crlf_is_accepted() -> None:
+    block = b"Content-Type: a/b\r\n\r\n"
+    assert parse(block + b"body", max_header_bytes=len(block)).body == b"body"
+
+
+@pytest.mark.parametrize("block", [b"Content-Type: a/b\n\n", b"Content-Type: a/b\r\n\r\n", b"\n"])
+def test_header_block_one_byte_over_the_byte_bound_is_502_naming_it(block: bytes) -> None:
+    error = bad_output(block + b"body", max_header_bytes=len(block) - 1)
+    assert error.status == 502
+    assert "max_response_header_bytes" in error.message
+    assert str(len(block) - 1) in error.message
+
+
+def test_output_without_blank_line_within_the_byte_bound_is_502() -> None:
+    # It may end its headers later, or never: nothing past the bound is looked at.
+    error = bad_output(b"Content-Type: a/b\n" + b"X: y\n" * 20_000 + b"\nbody")
+    assert error.status == 502
+    assert "max_response_header_bytes" in error.message
+
+
+def test_output_without_blank_line_shorter_than_the_byte_bound_is_still_500() -> None:
+    assert bad_output(b"Content-Type: a/b\n", max_header_bytes=1024).status == 500
+
+
+def test_a_body_larger_than_the_byte_bound_is_not_bounded() -> None:
+    body = b"\n\n" * 100_000
+    assert parse(b"Content-Type: a/b\n\n" + body, max_header_bytes=1024).body == body
+
+
+def test_higher_bounds_let_a_larger_header_block_through() -> None:
+    stdout = header_lines(5_000) + b"\nbody"
+    assert bad_output(stdout).status == 502  # default: 128 lines, 64KiB
+    response = parse(stdout, max_headers=5_000, max_header_bytes=len(stdout))
+    assert len(response.headers) == 5_000
