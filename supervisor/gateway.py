@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +33,10 @@ HEALTH_PATH = "/healthz"
 _TEXT = [(b"content-type", b"text/plain; charset=utf-8")]
 _STDERR_LOG_LIMIT = 4096
 """Bytes of a guest's stderr copied into the process log per request (the rest is counted)."""
+# What a log line must not hold as is: C0 controls (newline, CR, ESC...), DEL, C1 controls,
+# and the Unicode line and paragraph separators (`str.splitlines` breaks at them); and the
+# backslash, so that an escape in the log always comes from the host, never from the guest.
+_LOG_UNSAFE = re.compile(r"[\\\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 @dataclass(slots=True)
@@ -238,7 +243,9 @@ def host_name(host: str) -> str:
 
 
 def _log_stderr(tenant: str, request_id: str, run: GuestRun) -> None:
-    text = run.stderr[:_STDERR_LOG_LIMIT].decode("utf-8", errors="replace")
+    """One log line for the guest's stderr, whatever it holds: a guest must not be able to
+    write a line of its own (a forged access-log line for another tenant, say)."""
+    text = _escape_controls(run.stderr[:_STDERR_LOG_LIMIT].decode("utf-8", errors="replace"))
     more = len(run.stderr) - _STDERR_LOG_LIMIT
     if more > 0 or run.stderr_truncated:
         text += f" [... {max(more, 0)} more bytes{', capped' if run.stderr_truncated else ''}]"
@@ -249,3 +256,12 @@ def _log_stderr(tenant: str, request_id: str, run: GuestRun) -> None:
         text,
         extra={"request_id": request_id, "tenant": tenant},
     )
+
+
+def _escape_controls(text: str) -> str:
+    """`text` with every `_LOG_UNSAFE` character escaped as Python would (`\\n`, `\\x1b`)."""
+    return _LOG_UNSAFE.sub(_python_escape, text)
+
+
+def _python_escape(match: re.Match[str]) -> str:
+    return ascii(match.group())[1:-1]

@@ -18,6 +18,8 @@ import httpx
 import pytest
 import trio
 
+from supervisor import gateway
+
 GUESTS = Path(__file__).parent / "guests"
 HEALTHZ_MAX_LATENCY_S = 0.5
 """Slowest `/healthz` allowed while the 2,000,000-line head is refused. Parsing that head on
@@ -157,3 +159,38 @@ async def test_a_policy_with_higher_bounds_lets_a_larger_head_through(workspace,
         over = await running.client.post("/t/echo", content=output)
         assert over.status_code == 502
         assert bound in over.text
+
+
+# Item 12, second bullet: a guest's stderr is one log line of its own.
+
+
+async def test_guest_stderr_cannot_start_a_log_line_of_its_own(workspace, start_supervisor, caplog):
+    caplog.set_level(logging.INFO, logger="supervisor.guest")
+    add_tenant(workspace, "t", {"/": "response_head_stderr.wat"})
+    running = await start_supervisor()
+    response = await running.client.get("/t/")
+    assert (response.status_code, response.text) == (200, "ok\n")
+    # The text log's format (cli.configure_logging): one record must be one line.
+    formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
+    (record,) = [r for r in caplog.records if r.name == "supervisor.guest"]
+    line = formatter.format(record)
+    assert len(line.splitlines()) == 1, line
+    assert "stderr: x\\nFORGED-ID victim GET /pay 200 ok 1.0ms fuel=0\\r\\x1b[2K\\n" in line
+
+
+@pytest.mark.parametrize(
+    ("char", "escaped"),
+    [
+        ("\n", "\\n"),
+        ("\r", "\\r"),
+        ("\t", "\\t"),
+        ("\x00", "\\x00"),
+        ("\x1b", "\\x1b"),
+        ("\x7f", "\\x7f"),
+        ("\x85", "\\x85"),  # C1 NEL: a line break to some log readers
+        ("\u2028", "\\u2028"),  # LINE SEPARATOR: a line break to str.splitlines
+        ("\\", "\\\\"),  # so that a guest cannot write what reads as an escape
+    ],
+)
+def test_each_character_that_could_break_a_log_line_is_escaped(char, escaped):
+    assert gateway._escape_controls(f"a{char}b é") == f"a{escaped}b é"
