@@ -71,6 +71,7 @@ def head_of_bytes(size: int) -> bytes:
         ("", "max_response_header_bytes"),  # 64KiB: the end of the block is never found
         ('max_response_header_bytes = "16MiB"\n', "max_response_headers"),  # 128 lines
     ],
+    ids=["byte-bound", "line-bound"],
 )
 async def test_a_head_of_two_million_lines_is_refused_while_healthz_keeps_answering(
     workspace, start_supervisor, caplog, policy, bound
