@@ -1,8 +1,9 @@
-;; attack_routes_sleep.wat — a `_routes` export that sleeps 5 s before printing its route.
+;; attack_routes_sleep.wat — a `_routes` export that sleeps 0.9 s before printing its route.
 ;;
 ;; Why: issue 10, hole 5. Wherever `_routes` runs, it runs for as long as the tenant's
 ;; timeout_ms allows; run at reload on a serving path, it stalls every tenant of that worker.
-;; Once fixed it runs once per module version, off every serving path.
+;; Once fixed it runs once per module version, off every serving path. 0.9 s stays inside the
+;; attacker's timeout_ms (1000), so the upload succeeds and every worker loads the module.
 ;;
 ;; Output of _routes:  /slept _start
 ;; Output of _start:   content-type: text/plain, blank line, "slept\n"
@@ -21,7 +22,7 @@
 
   (global $SUBSCRIPTION i32 (i32.const 64))
   (global $EVENT i32 (i32.const 128))
-  (global $SLEEP_NS i64 (i64.const 5_000_000_000))
+  (global $SLEEP_NS i64 (i64.const 900_000_000))
   (global $CLOCK_MONOTONIC i32 (i32.const 1))
 
   (data (i32.const 192) "/slept _start\n")                       ;; 14 bytes
