@@ -7,7 +7,8 @@ client processes run for the whole soak against the pod bench/attacks.py sets up
 quiet, attacker and ops; the attacker's policy is the default with timeout_ms = 1000):
 
 - well-behaved, from 127.0.0.3: the quiet tenant's hello and echo (a body, checked), 4
-  keep-alive connections, each pausing 5 ms between requests;
+  keep-alive connections, each sending a request every 8 ms on a fixed schedule (as the quiet
+  tenant of bench/attacks.py);
 - hostile, from 127.0.0.2: the request-level attacks of bench/attacks.py, each for 5 s in turn
   (gather writes, a 2-million-line head, poll_oneoff bombs, a start function that never
   returns, forged stderr, HTTP/1.0 chunked, padded heads, absolute-form targets);
