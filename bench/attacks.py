@@ -8,7 +8,8 @@ break it: `wasm-supervisor serve --workers 2` (a subprocess on cpus 0-1, temp te
 policies and cache, an operator admin token so the attacker can upload) serves a quiet tenant
 (the demo hello) and an attacker tenant (the default policy with timeout_ms = 1000). The
 quiet tenant's hello is measured alone, then while the attacker runs each attack in a loop
-(`--seconds`, default 8, after 1 s for the attack to get going). Every attack is one a tenant
+(`--seconds`, default 8, after 1 s for the attack to get going), and alone again at the end
+(the machine's drift; the ratios are against the first). Every attack is one a tenant
 can launch (issue 10, holes 1-9 and 12); `--list` names them.
 
 The two clients come from different loopback addresses, so a per-client cap applies to the
@@ -75,7 +76,8 @@ WORKERS = 2
 ADMIN_TOKEN = "bench-attacks-operator-token"
 """The operator token of the throwaway server this script starts; it never leaves the run."""
 ATTACKER_POLICY = "timeout_ms = 1000\n"
-"""The issue's attacker: the default policy (with its new bounds) and a 1 s deadline."""
+"""The issue's attacker: the default policy (with its new bounds) and a 1 s deadline. The
+default max_module_bytes (64MiB) already admits the compile bomb (1.8 MB)."""
 QUIET_CONNECTIONS = 4
 QUIET_INTERVAL_S = 0.008
 """Each quiet connection sends a request every 8 ms (500/s in all: modest, so latency is the
@@ -771,12 +773,12 @@ def format_row(row: Row, alone_p99: float) -> str:
     )
 
 
-def verdict(rows: list[Row], alone: Row, kills: list[str]) -> list[str]:
+def verdict(rows: list[Row], alone: Row, again: Row, kills: list[str]) -> list[str]:
     """Why the run misses the issue's target (empty: it meets it)."""
     problems = []
-    for row in [alone, *rows]:
+    for row in [alone, *rows, again]:
         ratio = row.p99() / alone.p99()
-        if row is not alone and not ratio <= TARGET_P99_RATIO:
+        if row is not alone and row is not again and not ratio <= TARGET_P99_RATIO:
             problems.append(f"{row.name}: quiet p99 {ratio:.2f}x alone (target <= 3)")
         if row.quiet.failures:
             reasons = ", ".join(f"{r} x{n}" for r, n in row.quiet.failures.most_common(3))
@@ -827,7 +829,13 @@ def main() -> None:
                 for name in names:
                     rows.append(run_attack(serving, guard, workspace.cache, name, args.seconds))
                     print(format_row(rows[-1], alone.p99()), flush=True)
-    problems = verdict(rows, alone, guard.kills)
+                # The machine's own drift over the run: the ratios are against the first.
+                rss_before = max(rss_by_pid(serving.pid).values())
+                guard.take_peak()
+                again = Row("none (quiet alone, again)", quiet_run(serving, args.seconds), 0,
+                            rss_before, guard.take_peak(), 0, "")  # fmt: skip
+                print(format_row(again, alone.p99()), flush=True)
+    problems = verdict(rows, alone, again, guard.kills)
     print()
     for problem in problems:
         print(f"- {problem}")
