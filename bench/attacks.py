@@ -99,7 +99,9 @@ SETTLE_TIMEOUT_S = 60.0
 """After an attack, how long the pod may take to answer the quiet hello within 1 s again."""
 TARGET_P99_RATIO = 3.0
 MEMORY_GUARD_MIB = 2048
+"""A small container's memory: the issue's gather write OOM-killed a worker in a 1 GiB one."""
 MEMORY_GUARD_INTERVAL_S = 0.05
+"""The gather write grows a worker by 2 GiB in about a second: read RSS often."""
 METRICS_TENANTS = "quiet,attacker,ops"
 
 
@@ -108,7 +110,6 @@ METRICS_TENANTS = "quiet,attacker,ops"
 
 @dataclass(frozen=True)
 class Workspace:
-    root: Path
     tenants: Path
     policies: Path
     cache: Path
@@ -149,7 +150,7 @@ def make_workspace(root: Path) -> Workspace:
     (policies / "attacker.toml").write_text(ATTACKER_POLICY)
     (policies / "ops.toml").write_text("")
     cache.mkdir()
-    return Workspace(root, tenants, policies, cache)
+    return Workspace(tenants, policies, cache)
 
 
 @dataclass(frozen=True)
@@ -415,7 +416,10 @@ async def exchange(ctx: AttackContext, request: bytes, *, idle_s: float | None =
     except (OSError, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
         ctx.seen[type(exc).__name__] += 1
         return
-    status = head.split(b" ", 2)[1].decode("ascii", "replace") if head.count(b" ") >= 2 else "?"
+    if head.count(b" ") >= 2:
+        status = head.split(b" ", 2)[1].decode("ascii", "replace")
+    else:
+        status = "closed without an answer"
     ctx.seen[status if closed or idle_s is None else f"{status} kept open"] += 1
 
 
@@ -423,7 +427,12 @@ def get(path: str) -> bytes:
     return f"GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n".encode()
 
 
-def request_loop(request: Callable[[AttackContext], bytes], concurrency: int, **kwargs: float):
+AttackRun = Callable[["AttackContext"], Awaitable[None]]
+
+
+def request_loop(
+    request: Callable[[AttackContext], bytes], concurrency: int, **kwargs: float
+) -> AttackRun:
     """An attack: `concurrency` loops sending `request` on fresh connections."""
 
     async def attack(ctx: AttackContext) -> None:
@@ -576,7 +585,7 @@ def admin_client() -> httpx.AsyncClient:
     )
 
 
-def upload_loop(make_module: Callable[[], bytes], names: int, route: str):
+def upload_loop(make_module: Callable[[], bytes], names: int, route: str) -> AttackRun:
     """An attack: upload a new version (a nonce makes every one distinct) of `make_module()`
     under one of `names` names, and delete it once served."""
 
@@ -616,7 +625,7 @@ def wat(name: str) -> Callable[[], bytes]:
 class Attack:
     hole: str
     what: str
-    run: Callable[[AttackContext], Awaitable[None]]
+    run: AttackRun
 
 
 ATTACKS: dict[str, Attack] = {
