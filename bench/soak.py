@@ -22,10 +22,12 @@ Every 15 s it prints the RSS of each server process (supervisor and each worker,
 run (2 minutes of 10): caches fill, allocators reach their working size. RSS is read as the
 smallest of 5 reads over a second, so one hostile request in flight does not count as growth.
 
-It fails (exit 1, a last line saying why) if any server process's RSS at the end is more than
-5 % above its RSS at the end of warm-up, if any well-behaved request or admin operation failed,
-or if a worker restarted (its replacement has no warm-up to compare with). A memory guard
-SIGKILLs a server process past `--memory-guard-mib`, as bench/attacks.py does.
+It fails (exit 1, a last line saying why) if the supervisor's or a worker's RSS at the end is
+more than 5 % above its RSS at the end of warm-up (processes a worker starts, such as compile
+servers, are shown but not judged: they grow with what they compile and may be replaced), if
+any well-behaved request or admin operation failed, or if a worker restarted (its replacement
+has no warm-up to compare with). A memory guard SIGKILLs a server process past
+`--memory-guard-mib`, as bench/attacks.py does.
 Everything targets 127.0.0.x; the run is bounded by `--minutes`.
 """
 
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import re
 import sys
 import tempfile
@@ -120,7 +123,9 @@ ADMIN_ROUND = (
     ("PUT", "a", 201), ("PUT", "a", 200), ("PUT", "b", 201), ("POST rollback", None, 200),
     ("DELETE", None, 200), ("POST rollback", None, 200), ("DELETE", None, 200),
 )  # fmt: skip
-"""(operation, module version uploaded, status expected): one round leaves no module."""
+"""(operation, module version uploaded, status expected): one round leaves no module. A
+round that fails stops there, and the next starts by deleting what it left, so one failure
+is counted once, not again in every step it put out of step."""
 
 
 def admin_process(reply: Connection, port: int, seconds: float) -> None:
@@ -140,7 +145,12 @@ def admin_process(reply: Connection, port: int, seconds: float) -> None:
             headers={"authorization": f"Bearer {ADMIN_TOKEN}"},
             timeout=ADMIN_TIMEOUT_S,
         ) as client:
+            in_step = True
             while trio.current_time() < end:
+                if not in_step:  # a failed round: start the next one with no module
+                    with contextlib.suppress(httpx.HTTPError):
+                        await client.delete(url)  # 200, or 404 if there was none
+                    in_step = True
                 for operation, version, expected in ADMIN_ROUND:
                     what = f"{operation} {version or ''}".strip()
                     try:
@@ -154,10 +164,13 @@ def admin_process(reply: Connection, port: int, seconds: float) -> None:
                             answer = await client.post(url + "/rollback")
                     except httpx.HTTPError as exc:
                         failures[f"{what}: {type(exc).__name__}"] += 1
-                        continue
+                        in_step = False
+                        break
                     seen[f"{what} {answer.status_code}"] += 1
                     if answer.status_code != expected:
                         failures[f"{what}: {answer.status_code}, expected {expected}"] += 1
+                        in_step = False
+                        break
                 await trio.sleep(ADMIN_PAUSE_S)  # an operator's pace
         return seen, failures
 
@@ -190,10 +203,26 @@ def requests_by_outcome(pod: Pod) -> dict[str, collections.Counter[str]]:
     return totals
 
 
+def role(pid: int, root_pid: int) -> str:
+    """supervisor, worker, or helper: a process a worker started (a compile server, say),
+    whose RSS is shown but not judged: it grows with what it compiles and may be replaced."""
+    if pid == root_pid:
+        return "supervisor"
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (FileNotFoundError, ProcessLookupError):
+        return "helper"
+    return "worker" if argv[1:4] == [b"-m", b"supervisor.cli", b"worker"] else "helper"
+
+
+def judged(sizes: dict[int, int], root_pid: int) -> dict[int, int]:
+    """The supervisor's and the workers' sizes: the processes the 5 % bound is about."""
+    return {pid: size for pid, size in sizes.items() if role(pid, root_pid) != "helper"}
+
+
 def describe_rss(sizes: dict[int, int], root_pid: int) -> str:
     return ", ".join(
-        f"{'supervisor' if pid == root_pid else 'worker'} {pid} {size / 2**20:.1f} MiB"
-        for pid, size in sorted(sizes.items())
+        f"{role(pid, root_pid)} {pid} {size / 2**20:.1f} MiB" for pid, size in sorted(sizes.items())
     )
 
 
@@ -238,7 +267,7 @@ def main() -> None:
             for elapsed in report_every(REPORT_INTERVAL_S, seconds):
                 sizes = steady_rss(serving.pid)
                 if baseline is None and elapsed >= warmup_s:
-                    baseline = sizes
+                    baseline = judged(sizes, serving.pid)
                 print(f"## t = {elapsed:.0f} s{' (warm-up)' if baseline is None else ''}")
                 print(f"- RSS: {describe_rss(sizes, serving.pid)}")
                 for tenant, outcomes in sorted(requests_by_outcome(serving).items()):
