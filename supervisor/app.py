@@ -10,9 +10,10 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import resource
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import trio
@@ -21,6 +22,7 @@ from . import server, store
 from .admin import DEFAULT_COMPILE_THREADS, AdminApi
 from .admission import Admission
 from .auth import Authenticator
+from .errors import ConfigError
 from .gateway import Gateway
 from .guest_threads import GuestThreads
 from .metrics import Metrics
@@ -36,6 +38,19 @@ DEFAULT_SLOTS = 16
 DEFAULT_GLOBAL_QUEUE = 256
 LOADING_INSTANCES = 8
 """Stores used outside request slots at once: `_routes` calls while tenants load."""
+
+# Connections get the file descriptors RLIMIT_NOFILE allows, less what the rest of the process
+# needs, so that accept never meets EMFILE and a guest never fails to open its volume.
+FDS_PER_SLOT = 8
+"""A running guest holds one descriptor per preopened volume; 8 covers a route's usual few."""
+FDS_HEADROOM = 64
+"""Beyond what is open once the tenants are loaded (listeners, logs, one per loaded artifact,
+which stays mapped): modules loaded later, admin uploads and cache files being written,
+compile children's pipes, a worker's restart, and outbound HTTP pools to come."""
+METRICS_MAX_CONNECTIONS = 16
+"""Scrapers of `/metrics` at once: a few Prometheus replicas and an adapter."""
+MIN_CONNECTIONS = 16
+"""Fewer connections than this is a misconfiguration: refuse to start and say why."""
 
 
 def default_cache_dir() -> Path:
@@ -102,6 +117,9 @@ async def run(
             cache.hits,
             len(state.errors),
         )
+        server_config = replace(
+            config.server, max_connections=_connection_limit(config.server, config.slots)
+        )
         admission = Admission(slots=config.slots, global_queue=config.global_queue, pod=pod)
         guest_threads = GuestThreads(config.slots)
         metrics = Metrics(admission, registry, tenants=config.metrics_tenants)
@@ -141,7 +159,7 @@ async def run(
                         server.serve,
                         metrics.handle,
                         metrics_listeners,
-                        config.server,
+                        replace(server_config, max_connections=METRICS_MAX_CONNECTIONS),
                         shutdown=trio.Event(),
                     )
                 )
@@ -150,7 +168,7 @@ async def run(
             async with trio.open_nursery() as serving:
                 await serving.start(
                     functools.partial(
-                        server.serve, gateway.handle, listeners, config.server, shutdown=shutdown
+                        server.serve, gateway.handle, listeners, server_config, shutdown=shutdown
                     )
                 )
                 log.info("serving on http://%s:%d", config.host, port)
@@ -160,6 +178,45 @@ async def run(
         # Every guest has ended by now (a caller waits for its guest), so this joins at once.
         guest_threads.close()
         log.info("stopped")
+
+
+def _connection_limit(config: server.ServerConfig, slots: int) -> int:
+    """`max_connections`, lowered to what RLIMIT_NOFILE (soft) leaves once the descriptors
+    open now (the tenants loaded), the guests', /metrics' and `FDS_HEADROOM` are set aside.
+
+    Raises ConfigError when that leaves fewer than `MIN_CONNECTIONS`.
+    """
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return config.max_connections
+    open_now = len(os.listdir("/proc/self/fd"))
+    guests = slots * FDS_PER_SLOT
+    reserved = open_now + guests + METRICS_MAX_CONNECTIONS + FDS_HEADROOM
+    room = soft - reserved
+    if room < MIN_CONNECTIONS:
+        raise ConfigError(
+            "RLIMIT_NOFILE",
+            None,
+            f"the soft limit of {soft} file descriptors leaves {room} for connections, fewer"
+            f" than {MIN_CONNECTIONS}: {reserved} are reserved ({open_now} open, {guests} for"
+            f" {slots} slots, {METRICS_MAX_CONNECTIONS} for /metrics, {FDS_HEADROOM} headroom);"
+            " raise it (ulimit -n) or lower --slots",
+        )
+    limit = min(config.max_connections, room)
+    log.info(
+        "connections: at most %d (RLIMIT_NOFILE %d, %d reserved: %d open, %d for %d slots,"
+        " %d for /metrics, %d headroom), %d idle per client",
+        limit,
+        soft,
+        reserved,
+        open_now,
+        guests,
+        slots,
+        METRICS_MAX_CONNECTIONS,
+        FDS_HEADROOM,
+        config.max_idle_per_client,
+    )
+    return limit
 
 
 async def _handle_signals(registry: TenantRegistry, shutdown: trio.Event) -> None:

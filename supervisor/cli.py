@@ -134,6 +134,23 @@ def build_parser() -> argparse.ArgumentParser:
             },
         ),
         (
+            "max-connections",
+            {
+                "type": _positive_int,
+                "default": str(server.ServerConfig().max_connections),
+                "help": "connections open at once, at most (lowered to fit RLIMIT_NOFILE)",
+            },
+        ),
+        (
+            "max-idle-per-client",
+            {
+                "type": _positive_int,
+                "default": str(server.ServerConfig().max_idle_per_client),
+                "help": "idle keep-alive connections one client address may hold; past it,"
+                " its oldest idle one is closed",
+            },
+        ),
+        (
             "metrics-listen",
             {
                 "type": _listen_address,
@@ -226,6 +243,9 @@ def _serve(args: argparse.Namespace, serve_args: list[str]) -> int:
     except OSError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except ConfigError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -266,7 +286,11 @@ def _app_config(args: argparse.Namespace) -> app.AppConfig | None:
         cache_dir=args.cache,
         slots=args.slots,
         global_queue=args.global_queue,
-        server=server.ServerConfig(grace_period_s=args.grace_period),
+        server=server.ServerConfig(
+            grace_period_s=args.grace_period,
+            max_connections=args.max_connections,
+            max_idle_per_client=args.max_idle_per_client,
+        ),
         metrics_host=metrics_host,
         metrics_port=metrics_port,
         metrics_tenants=args.metrics_tenants,
