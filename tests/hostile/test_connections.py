@@ -14,6 +14,7 @@ running in this same event loop.
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import resource
 import shutil
@@ -28,6 +29,7 @@ import trio
 from conftest import DEMO, Workspace
 from test_lifecycle import PROC_NET_TCP, child_environment, serve_process, workspace_args
 
+from supervisor import cli
 from supervisor.server import ServerConfig
 
 ATTACKER = "127.0.0.2"
@@ -201,3 +203,15 @@ def test_a_descriptor_limit_too_low_for_any_connection_refuses_to_start(
     assert result.returncode == 2, result.stderr
     assert "RLIMIT_NOFILE: the soft limit of 64 file descriptors leaves" in result.stderr
     assert "raise it (ulimit -n) or lower --slots" in result.stderr
+
+
+async def test_connection_limits_are_flags_and_the_limit_in_force_is_logged(
+    workspace: Workspace, start_supervisor, caplog
+) -> None:
+    args = ["serve", "--max-connections", "100", "--max-idle-per-client", "4"]
+    config = cli._app_config(cli.build_parser().parse_args(args + workspace_args(workspace)))
+    assert (config.server.max_connections, config.server.max_idle_per_client) == (100, 4)
+    caplog.set_level(logging.INFO, logger="supervisor.app")
+    await start_supervisor(server=config.server)
+    assert "connections: at most 100 (RLIMIT_NOFILE" in caplog.text
+    assert "4 idle per client" in caplog.text
