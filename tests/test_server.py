@@ -171,6 +171,27 @@ async def test_query_absent_or_empty():
     assert (empty["path"], empty["query"], empty["has_query"]) == ("/a", "", True)
 
 
+@pytest.mark.parametrize(
+    ("target", "path", "query", "host"),
+    [
+        ("http://a.test:8080/x/y?q=1", "/x/y", "q=1", "a.test:8080"),
+        ("HTTPS://A.test", "/", "", "A.test"),
+        ("http://a.test?q", "/", "q", "a.test"),
+    ],
+)
+async def test_absolute_form_target_gives_its_path_and_its_authority_as_host(
+    target: str, path: str, query: str, host: str
+):
+    """RFC 9112 §3.2.2: the target's authority replaces Host, for routing and for the guest."""
+    async with running(echo) as server:
+        raw = await server.connect()
+        await raw.send(f"GET {target} HTTP/1.1\r\nHost: other.test\r\n\r\n".encode())
+        seen = json.loads((await raw.reply()).body)
+        await raw.close()
+    assert (seen["path"], seen["query"], seen["host"]) == (path, query, host)
+    assert ["host", host] in seen["headers"]
+
+
 async def test_request_ids_differ():
     async with running(hello) as server, httpx.AsyncClient() as client:
         ids = {(await client.get(server.url)).headers["x-request-id"] for _ in range(5)}
