@@ -38,7 +38,8 @@ closed when `serve` stops accepting. At most `max_connections` sockets are open 
 caller derives it from RLIMIT_NOFILE, so accept never meets EMFILE). At that limit a client
 waiting to connect takes the place of the oldest idle connection of the client holding the
 most idle ones, so a flood of idle connections cannot lock others out (`/healthz` keeps
-answering); only when every connection is busy does a new one wait in the kernel's backlog.
+answering); a connection still sending its head counts as idle there (a slow-head flood is
+one too). Only when every connection is busy does a new one wait in the kernel's backlog.
 No client keeps more than `max_idle_per_client` idle keep-alive connections: past that, its
 oldest idle one is closed. A connection still waiting for its first request does not count
 against that cap (its bytes may be on their way: a client that opens several connections at
@@ -274,7 +275,7 @@ Handler = Callable[[Request, RequestBody], Awaitable[Response]]
 class _Client:
     """The connections of one client address: how many are open, which are idle."""
 
-    __slots__ = ("connections", "idle", "new")
+    __slots__ = ("connections", "idle", "new", "reading")
 
     def __init__(self) -> None:
         self.connections = 0
@@ -282,6 +283,9 @@ class _Client:
         # after a response (kept alive), and before the first request (just accepted).
         self.idle: dict[_Connection, None] = {}
         self.new: dict[_Connection, None] = {}
+        # Waiting for the rest of a head that came in part: closed at the connection limit
+        # like idle ones (a slow head holds a place as long), but never swept as idle.
+        self.reading: dict[_Connection, None] = {}
 
 
 class _Server:
@@ -344,12 +348,12 @@ class _Server:
         """Close the oldest idle connection of the client holding the most; False if none.
 
         A kept-alive one goes before one still waiting for its first request, whose bytes
-        may be arriving as it is chosen.
+        may be arriving as it is chosen, and that before one still sending its head.
         """
         client = max(self.clients.values(), key=_idle_count, default=None)
-        if client is None or not (client.idle or client.new):
+        if client is None or not _idle_count(client):
             return False
-        _close_oldest(client.idle or client.new)
+        _close_oldest(client.idle or client.new or client.reading)
         return True
 
     async def serve_connection(self, stream: trio.SocketStream, server_port: int) -> None:
@@ -400,7 +404,7 @@ class _Server:
 
 
 def _idle_count(client: _Client) -> int:
-    return len(client.idle) + len(client.new)
+    return len(client.idle) + len(client.new) + len(client.reading)
 
 
 def _close_oldest(waiting: dict[_Connection, None]) -> None:
@@ -504,14 +508,19 @@ class _Connection:
         if event is h11.NEED_DATA:
             start = self.accepted_at if first else trio.current_time()
             deadline = start + self.server.config.head_timeout_s
-            while event is h11.NEED_DATA:
-                data = await self.receive(deadline)
-                if data is None:
-                    log.debug("request head from %s not complete in time", self.client_addr)
-                    await self._send_error(HTTPStatus.REQUEST_TIMEOUT)
-                    return None
-                received += len(data)
-                event = h11_conn.next_event()
+            reading = self.client.reading
+            reading[self] = None
+            try:
+                while event is h11.NEED_DATA:
+                    data = await self.receive(deadline)
+                    if data is None:
+                        log.debug("request head from %s not complete in time", self.client_addr)
+                        await self._send_error(HTTPStatus.REQUEST_TIMEOUT)
+                        return None
+                    received += len(data)
+                    event = h11_conn.next_event()
+            finally:
+                reading.pop(self, None)
         if type(event) is h11.Request:
             # The head's size as sent, padding included: what h11 left unparsed follows it.
             size = received - len(h11_conn.trailing_data[0])

@@ -121,6 +121,21 @@ async def test_idle_flood_from_one_client_leaves_healthz_prompt_for_another(
             )
 
 
+async def test_slow_head_flood_from_one_client_leaves_healthz_prompt_for_another(
+    workspace: Workspace, start_supervisor
+) -> None:
+    config = ServerConfig(max_connections=16, head_timeout_s=60)
+    running = await start_supervisor(server=config)
+    port = running.app.port
+    with flood(port, 40) as slow:
+        for sock in slow:  # a head begun and never finished
+            sock.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        async with quiet_client(port) as client:
+            with trio.fail_after(PROMPT_S):
+                assert (await client.get("/healthz")).status_code == 200
+        await wait_until(lambda: still_open(slow) <= 16, "the flooder holds at most the limit")
+
+
 async def test_a_volume_that_cannot_be_opened_never_shows_its_host_path(
     workspace: Workspace, start_supervisor
 ) -> None:
