@@ -26,7 +26,7 @@ from .errors import ConfigError
 from .gateway import Gateway
 from .guest_threads import GuestThreads
 from .metrics import Metrics
-from .modules import ArtifactCache
+from .modules import DEFAULT_MAX_BYTES, DEFAULT_MIN_AGE_S, ArtifactCache
 from .pod_limits import PodCounters
 from .sandbox import Sandbox
 from .tenants import WATCH_INTERVAL_S, TenantRegistry
@@ -66,6 +66,8 @@ class AppConfig:
     tenants_dir: Path = Path("tenants")
     policies_dir: Path = Path("policies")
     cache_dir: Path = field(default_factory=default_cache_dir)
+    cache_max_bytes: int = DEFAULT_MAX_BYTES  # the artifact cache's bound on disk
+    cache_min_age_s: float = DEFAULT_MIN_AGE_S  # never collected younger than this
     slots: int = DEFAULT_SLOTS
     global_queue: int = DEFAULT_GLOBAL_QUEUE
     watch_interval_s: float = WATCH_INTERVAL_S
@@ -103,7 +105,13 @@ async def run(
     serving port; a private socket for its `/metrics`) and the pod-wide tenant counts.
     """
     with Sandbox(max_instances=2 * config.slots + LOADING_INSTANCES) as sandbox:
-        cache = ArtifactCache(config.cache_dir, sandbox.engine, sandbox.settings)
+        cache = ArtifactCache(
+            config.cache_dir,
+            sandbox.engine,
+            sandbox.settings,
+            max_bytes=config.cache_max_bytes,
+            min_age_s=config.cache_min_age_s,
+        )
         changes = store.open_change_counter(config.cache_dir)  # shared by the pod's workers
         registry = TenantRegistry(config.tenants_dir, config.policies_dir, sandbox, cache, changes)
         started = time.perf_counter()
@@ -149,6 +157,7 @@ async def run(
             if config.handle_signals:
                 nursery.start_soon(_handle_signals, registry, shutdown)
             nursery.start_soon(registry.watch, config.watch_interval_s)
+            nursery.start_soon(_collect_artifacts, cache)
             if pod is not None:
                 nursery.start_soon(admission.poll_pod)
             if metrics_listeners is not None:
@@ -217,6 +226,16 @@ def _connection_limit(config: server.ServerConfig, slots: int) -> int:
         config.max_idle_per_client,
     )
     return limit
+
+
+async def _collect_artifacts(cache: ArtifactCache) -> None:
+    """Lease this process's artifacts and collect unused ones, forever (cancel to stop)."""
+    while True:
+        await trio.sleep(cache.collect_interval())
+        try:
+            await trio.to_thread.run_sync(cache.collect)
+        except Exception:
+            log.exception("artifact cache collection failed")
 
 
 async def _handle_signals(registry: TenantRegistry, shutdown: trio.Event) -> None:

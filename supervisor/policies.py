@@ -137,6 +137,9 @@ _LIMITS: Mapping[str, _Limit] = MappingProxyType(
         # for WASI needs ~700MiB. And its CPU time: a 99MB runtime compiles in ~70 s.
         "compile_memory_bytes": _Limit(256 * MiB, 64 * GiB, size=True),
         "compile_cpu_seconds": _Limit(1, 3600),
+        # Bytes of compiled artifacts the tenant's modules in force may take in the cache: an
+        # artifact can be 30x its module. 1MiB fits small guests; 64GiB is a node's disk.
+        "max_artifact_bytes": _Limit(1 * MiB, 64 * GiB, size=True),
     }
 )
 
@@ -183,6 +186,7 @@ class Policy:
     max_code_bytes: int = 64 * MiB
     compile_memory_bytes: int = 1 * GiB
     compile_cpu_seconds: int = 300
+    max_artifact_bytes: int = 512 * MiB
     admin_token_sha256: str | None = None
 
     def __post_init__(self) -> None:
