@@ -46,6 +46,7 @@ import logging
 import mmap
 import os
 import platform
+import re
 import stat
 import threading
 import time
@@ -79,6 +80,8 @@ MIN_COLLECT_INTERVAL_S = 0.25
 """A floor: a pass lists the folder, so it never runs in a tight loop."""
 STALE_TEMP_S = 3600.0
 """A temp file this old is a crashed write's leftover (a write takes seconds at most)."""
+ENGINE_FOLDER_RE = re.compile(r"[0-9a-f]{16}")
+"""`engine_fingerprint`'s names: the only folders beside ours a pass may collect from."""
 PRIVATE_MODE = 0o700
 """The engine's cache folder: the server's uid alone may list, read or write it."""
 
@@ -229,9 +232,14 @@ class ArtifactCache:
         except OSError as exc:  # a read-only or full cache costs speed, not service
             log.warning("could not store artifact %s: %s", artifact.name, exc)
             return
-        self._sizes[digest] = len(data)
-        _stamp_last_use(artifact)  # the same clock as every later use: LRU order is exact
-        self._evict_over_bound(self._scan(), held=self._held())  # this digest's lock is held
+        self._note_stored(digest, len(data))
+
+    def _note_stored(self, digest: str, size: int) -> None:
+        """After an artifact of `size` bytes is in place (under `digest`'s lock): count it,
+        stamp its first use, and evict over the bound. Whatever writes an artifact calls it."""
+        self._sizes[digest] = size
+        _stamp_last_use(self._paths(digest)[0])  # the clock of every later use: exact LRU order
+        self._evict_over_bound(_scan(self.directory), held=self._held())
 
     # Bounds and collection -------------------------------------------------------------------
 
@@ -253,7 +261,7 @@ class ArtifactCache:
         held = self._held()
         for digest in held:
             _stamp_last_use(self._paths(digest)[0])
-        entries = self._scan()
+        entries = _scan(self.directory)
         old_before = time.time_ns() - int(self.min_age_s * 1e9)
         deleted = 0
         for digest, entry in list(entries.items()):
@@ -261,39 +269,41 @@ class ArtifactCache:
             if unused and self._remove(digest, entry):
                 deleted += 1
                 del entries[digest]
-        return deleted + self._evict_over_bound(entries, held=held)
+        deleted += self._evict_over_bound(entries, held=held)
+        return deleted + self._collect_other_engines(old_before)
 
     def _held(self) -> set[str]:
         """Digests this process holds a module of (list() snapshots the weak mapping)."""
         return set(list(self._in_memory.keys()))
 
-    def _scan(self) -> dict[str, _Entry]:
-        """Every artifact in the folder with its bytes and last use; old temp files removed."""
-        entries: dict[str, _Entry] = {}
-        stale_before = time.time_ns() - int(STALE_TEMP_S * 1e9)
+    def _collect_other_engines(self, old_before_ns: int) -> int:
+        """Artifacts of other engine builds (an older wasmtime, other settings) that nobody
+        used since `old_before_ns`; a folder goes once it has been empty as long. Processes of
+        that build, sharing the folder, lease theirs as this one does."""
+        deleted = 0
         try:
-            with os.scandir(self.directory) as listing:
-                for item in listing:
-                    digest, suffix = os.path.splitext(item.name)
-                    try:
-                        info = item.stat(follow_symlinks=False)
-                    except OSError:
-                        continue  # deleted meanwhile
-                    if suffix == TEMP_SUFFIX:
-                        if info.st_mtime_ns < stale_before:
-                            _unlink(Path(item.path))
-                        continue
-                    if suffix not in (ARTIFACT_SUFFIX, RECORD_SUFFIX):
-                        continue
-                    entry = entries.setdefault(digest, _Entry())
-                    entry.bytes += info.st_size
-                    if suffix == ARTIFACT_SUFFIX:
-                        entry.last_use_ns = info.st_mtime_ns
-                    elif entry.last_use_ns == 0:
-                        entry.last_use_ns = info.st_mtime_ns  # a record alone: a torn write
-        except OSError as exc:
-            log.warning("artifact cache %s could not be listed: %s", self.directory, exc)
-        return entries
+            with os.scandir(self.directory.parent) as listing:
+                folders = [
+                    Path(item.path)
+                    for item in listing
+                    if ENGINE_FOLDER_RE.fullmatch(item.name)
+                    and item.name != self.directory.name
+                    and item.is_dir(follow_symlinks=False)
+                    and item.stat(follow_symlinks=False).st_uid == os.geteuid()
+                ]
+        except OSError:
+            return 0
+        for folder in folders:
+            for digest, entry in _scan(folder).items():
+                if entry.last_use_ns < old_before_ns and all(
+                    _unlink(folder / f"{digest}{suffix}")
+                    for suffix in (RECORD_SUFFIX, ARTIFACT_SUFFIX)
+                ):
+                    deleted += 1
+            with contextlib.suppress(OSError):
+                if os.lstat(folder).st_mtime_ns < old_before_ns:  # emptied a pass ago, at least
+                    folder.rmdir()  # fails unless empty
+        return deleted
 
     def _evict_over_bound(self, entries: dict[str, _Entry], *, held: set[str]) -> int:
         """Delete artifacts this process does not hold, least recently used first, until the
@@ -355,6 +365,35 @@ class _Entry:
 
     bytes: int = 0
     last_use_ns: int = 0
+
+
+def _scan(folder: Path) -> dict[str, _Entry]:
+    """Every artifact in `folder` with its bytes and last use; old temp files removed."""
+    entries: dict[str, _Entry] = {}
+    stale_before = time.time_ns() - int(STALE_TEMP_S * 1e9)
+    try:
+        with os.scandir(folder) as listing:
+            for item in listing:
+                digest, suffix = os.path.splitext(item.name)
+                try:
+                    info = item.stat(follow_symlinks=False)
+                except OSError:
+                    continue  # deleted meanwhile
+                if suffix == TEMP_SUFFIX:
+                    if info.st_mtime_ns < stale_before:
+                        _unlink(Path(item.path))
+                    continue
+                if suffix not in (ARTIFACT_SUFFIX, RECORD_SUFFIX):
+                    continue
+                entry = entries.setdefault(digest, _Entry())
+                entry.bytes += info.st_size
+                if suffix == ARTIFACT_SUFFIX:
+                    entry.last_use_ns = info.st_mtime_ns
+                elif entry.last_use_ns == 0:
+                    entry.last_use_ns = info.st_mtime_ns  # a record alone: a torn write
+    except OSError as exc:
+        log.warning("artifact cache %s could not be listed: %s", folder, exc)
+    return entries
 
 
 def _private_folder(folder: Path) -> bool:

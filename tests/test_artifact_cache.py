@@ -31,6 +31,7 @@ from test_lifecycle import serve_process
 
 from supervisor.modules import (
     ARTIFACT_SUFFIX,
+    DEFAULT_MIN_AGE_S,
     RECORD_SUFFIX,
     STALE_TEMP_S,
     ArtifactCache,
@@ -375,6 +376,25 @@ def test_over_its_bound_the_cache_evicts_the_least_recently_used_artifact_first(
     assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
     assert "over its bound" in caplog.records[0].message
     assert answer(sandbox, held).rstrip(b"\0") == b"three\n"
+
+
+def test_another_engine_builds_artifacts_are_collected_then_its_folder(tmp_path, sandbox):
+    """After an upgrade of wasmtime (or a change of engine settings) the old folder is garbage."""
+    other = ArtifactCache(tmp_path, wasmtime.Engine(wasmtime.Config()), "no-fuel,no-epochs")
+    old_sha = other.load(HELLO, name="hello.wat").sha256
+    cache = new_cache(tmp_path, sandbox)
+    assert cache.directory != other.directory
+    cache.collect()
+    assert stored(other) == {old_sha}  # used just now, maybe by a process of that build
+
+    age(other, old_sha, DEFAULT_MIN_AGE_S + 1)
+    cache.collect()
+    assert list(other.directory.iterdir()) == []
+    then = time.time_ns() - int((DEFAULT_MIN_AGE_S + 1) * 1e9)
+    os.utime(other.directory, ns=(then, then))  # and empty that long
+    cache.collect()
+    assert not other.directory.exists()
+    assert cache.directory.exists()
 
 
 def test_a_crashed_writes_temp_file_is_removed_once_stale(tmp_path, sandbox):
