@@ -69,6 +69,7 @@ async def test_a_deleted_modules_artifact_is_collected_and_a_served_ones_stays(
     assert deleted.status_code == 200
     await wait_for(lambda: gone["sha256"] not in artifacts(workspace))
     assert set(artifacts(workspace)) == {kept["sha256"]}
+    assert running.app.registry.cache.collected == 1  # wasm_supervisor_artifact_cache_collected
     assert (await running.client.get("/acme/kept")).text == "kept\n"
 
     # The module itself is kept for a rollback: it compiles again and serves.
