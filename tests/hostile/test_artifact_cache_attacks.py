@@ -32,7 +32,8 @@ from test_admin import (
 from test_lifecycle import serve_process
 from test_workers import NO_KEEP_ALIVE, POLL_S, TWO_WORKERS, WAIT_S, worker_pids
 
-from supervisor.modules import ARTIFACT_SUFFIX
+from supervisor.modules import ARTIFACT_SUFFIX, ArtifactCache
+from supervisor.sandbox import Sandbox
 
 
 def artifacts(workspace: Workspace) -> dict[str, int]:
@@ -85,8 +86,12 @@ async def test_upload_after_upload_never_grows_the_cache_past_its_bound(
     """New versions, each a new artifact: the replaced ones are evicted at once, oldest first,
     though they are younger than the minimum age (the default, 10 minutes)."""
     admin_tenant(workspace, "acme")
-    one_artifact = 600 * 1024  # greeter(..., functions=400) compiles to ~570 KiB
-    bound = 3 * one_artifact
+    with Sandbox() as sandbox:  # the size of one version's artifact (~570 KiB), as it is here
+        probe = ArtifactCache(workspace.root / "probe", sandbox.engine, sandbox.settings)
+        one_artifact = probe.artifact_bytes(
+            probe.load(greeter("version 0", functions=400), name="probe.wat").sha256
+        )
+    bound = 3 * one_artifact + 3 * 1024  # three artifacts and their records
     running = await start_admin(start_supervisor, cache_max_bytes=bound)
     versions = []
     for n in range(6):
