@@ -37,18 +37,29 @@ from supervisor.sandbox import Sandbox
 
 
 def artifacts(workspace: Workspace) -> dict[str, int]:
-    """sha256 -> bytes of each artifact in the cache."""
-    return {path.stem: path.stat().st_size for path in workspace.cache.rglob(f"*{ARTIFACT_SUFFIX}")}
+    """sha256 -> bytes of each artifact in the cache (a pass may delete one meanwhile)."""
+    return {
+        path.stem: size
+        for path in workspace.cache.rglob(f"*{ARTIFACT_SUFFIX}")
+        if (size := _size(path)) is not None
+    }
 
 
 def cache_bytes(workspace: Workspace) -> int:
     """Everything in the engine folders: artifacts, records, temp files."""
     return sum(
-        path.stat().st_size
+        _size(path) or 0
         for folder in workspace.cache.iterdir()
         if folder.is_dir()
         for path in folder.iterdir()
     )
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return None
 
 
 async def wait_for(predicate) -> None:
