@@ -48,6 +48,7 @@ import trio
 from . import store
 from .admission import Admission
 from .auth import CHALLENGE, Authenticator
+from .compiler import CompileLimits
 from .errors import (
     BadRequest,
     ConfigError,
@@ -254,7 +255,12 @@ class AdminApi:
             )
         )
         compiled = await trio.to_thread.run_sync(
-            functools.partial(self.registry.cache.load, binary, name=call.name),
+            functools.partial(
+                self.registry.cache.load,
+                binary,
+                name=call.name,
+                limits=CompileLimits.of(policy),
+            ),
             limiter=self.compile_limiter,
         )
         version = dataclasses.replace(

@@ -88,7 +88,7 @@ async def run(
     serving port; a private socket for its `/metrics`) and the pod-wide tenant counts.
     """
     with Sandbox(max_instances=2 * config.slots + LOADING_INSTANCES) as sandbox:
-        cache = ArtifactCache(config.cache_dir, sandbox.engine, sandbox.settings)
+        cache = ArtifactCache(config.cache_dir, sandbox.engine, sandbox.settings, sandbox.code)
         changes = store.open_change_counter(config.cache_dir)  # shared by the pod's workers
         registry = TenantRegistry(config.tenants_dir, config.policies_dir, sandbox, cache, changes)
         started = time.perf_counter()

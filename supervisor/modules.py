@@ -16,6 +16,9 @@ well, so a cryptographic digest would add nothing but time. CRC-32 over the memo
 takes ~4.5 ms for CPython's 18 MB artifact where reading it and hashing it with SHA-256 took
 ~11 ms, over the 10 ms a cold start of that guest may take.
 
+A module is compiled in a child process with the tenant's limits (compiler.py), never in the
+worker: the child hands back the serialized artifact, which is stored as above and loaded.
+
 Everything here blocks: callers run it in a worker thread.
 """
 
@@ -38,6 +41,14 @@ from typing import BinaryIO
 
 import wasmtime
 
+from .compiler import (
+    DEFAULT_COMPILE_LIMITS,
+    SERVING_CODE,
+    SHARED_COMPILE_SERVER,
+    CodeSettings,
+    CompileLimits,
+    check_compile_bounds,
+)
 from .errors import ModuleRejected
 from .files import fsync_directory, write_atomically
 
@@ -79,13 +90,21 @@ def to_binary(source: bytes, *, name: str) -> bytes:
 class ArtifactCache:
     """A folder of compiled artifacts for one engine, safe to share between processes."""
 
-    def __init__(self, directory: Path, engine: wasmtime.Engine, engine_settings: str) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        engine: wasmtime.Engine,
+        engine_settings: str,
+        code: CodeSettings = SERVING_CODE,
+    ) -> None:
+        """`code`: the settings `engine` was built with that change code (compiler.py)."""
         self.directory = directory / engine_fingerprint(engine_settings)
         try:
             self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         except OSError as exc:  # a read-only cache costs speed, not service
             log.warning("artifact cache %s unusable (%s); compiling every module", directory, exc)
         self.engine = engine
+        self.code = code
         self._locks: dict[str, threading.Lock] = {}
         # Modules loaded by this process, while anything uses them: 1,000 tenants serving
         # the same module verify and map its artifact once.
@@ -97,8 +116,13 @@ class ArtifactCache:
         self.misses = 0
         self.rebuilt = 0
 
-    def load(self, binary: bytes, *, name: str) -> CompiledModule:
-        """Compile `binary`, or load its verified artifact. Raises ModuleRejected."""
+    def load(
+        self, binary: bytes, *, name: str, limits: CompileLimits = DEFAULT_COMPILE_LIMITS
+    ) -> CompiledModule:
+        """Compile `binary` within `limits` (the tenant's policy), or load its verified
+        artifact. A module over the policy's bounds is refused even if another tenant's
+        upload compiled it already. Raises ModuleRejected."""
+        check_compile_bounds(binary, limits, name=name)
         digest = hashlib.sha256(binary).hexdigest()
         with self._lock_for(digest):
             started = time.perf_counter()
@@ -106,12 +130,12 @@ class ArtifactCache:
             if cached is not None:
                 return cached
             self.misses += 1
-            try:
-                module = wasmtime.Module(self.engine, binary)
-            except wasmtime.WasmtimeError as exc:
-                raise ModuleRejected(f"{name}: invalid WebAssembly module: {_reason(exc)}") from exc
+            artifact = SHARED_COMPILE_SERVER.compile(
+                binary, name=name, settings=self.code, limits=limits
+            )
+            module = wasmtime.Module.deserialize(self.engine, artifact)
             compile_s = time.perf_counter() - started
-            self._store_artifact(digest, module)
+            self._store_artifact(digest, artifact)
             self._in_memory[digest] = module
             return CompiledModule(digest, len(binary), module, compile_s, False)
 
@@ -165,9 +189,8 @@ class ArtifactCache:
             self.rebuilt += 1
             return None
 
-    def _store_artifact(self, digest: str, module: wasmtime.Module) -> None:
+    def _store_artifact(self, digest: str, data: bytes) -> None:
         artifact, record_path = self._paths(digest)
-        data = module.serialize()
         record = {"size": len(data), "crc32": zlib.crc32(data)}
         try:
             write_atomically(artifact, data)

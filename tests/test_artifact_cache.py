@@ -25,6 +25,7 @@ import wasmtime
 from conftest import DEMO, Workspace
 from test_lifecycle import serve_process
 
+from supervisor.compiler import CodeSettings
 from supervisor.modules import ARTIFACT_SUFFIX, RECORD_SUFFIX, ArtifactCache, CompiledModule
 from supervisor.sandbox import GuestLimits, Sandbox
 
@@ -97,8 +98,9 @@ def test_a_restarted_process_loads_the_artifact(tmp_path, sandbox):
 
 def test_an_engine_built_otherwise_never_loads_the_artifact(tmp_path, sandbox):
     new_cache(tmp_path, sandbox).load(HELLO, name="hello.wat")
-    other = wasmtime.Engine(wasmtime.Config())  # no fuel, no epochs
-    cache = ArtifactCache(tmp_path, other, "no-fuel,no-epochs")
+    code = CodeSettings(consume_fuel=False, epoch_interruption=False)
+    other = wasmtime.Engine(code.config())  # no fuel, no epochs
+    cache = ArtifactCache(tmp_path, other, "no-fuel,no-epochs", code)
     assert not cache.load(HELLO, name="hello.wat").cache_hit
     assert (cache.hits, cache.misses) == (0, 1)
 

@@ -1,0 +1,349 @@
+"""Compiling a module in a child process with the tenant's memory and CPU limits.
+
+Compiling is the one thing an upload makes the server do that grows with what the tenant
+sent: 200,000 tiny functions (a 2 MiB module) took 1.2 GiB and 8.7 s in-process. So no worker
+compiles itself: each compile runs in a fresh child process at nice 19, first in line for the
+OOM killer (`oom_score_adj` 1000), with `RLIMIT_AS` = `compile_memory_bytes` and
+`RLIMIT_CPU` = `compile_cpu_seconds`, and wasmtime's parallel compilation off (one core at
+most, never every core the serving threads need). A child over its limits dies or fails
+alone; the worker answers 422 naming the limit.
+
+A new Python process per compile would cost ~150-200 ms of imports, so each worker process
+starts one *compile server* (`python -m supervisor.compiler`, lazily, restarted if it dies):
+a single-threaded process that has imported wasmtime once and forks one child per job (a fork
+of a single-threaded process is safe; the worker, which has threads, never forks). The worker
+hands it a job over a unix socket: the module in one memfd, an empty memfd for the artifact,
+the limits and the engine settings. The child compiles with an engine built like the serving
+one minus the pooling allocator (which changes no code: the artifact is byte-identical and
+loads into the serving engine), writes the serialized artifact, and exits; the server reports
+the child's pid when it starts, then how it ended. The caller (ArtifactCache) stores and loads
+the artifact.
+
+Everything here blocks: callers run it in a worker thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import traceback
+from dataclasses import asdict, dataclass
+from typing import NoReturn
+
+import wasmtime
+
+from .errors import ModuleRejected
+from .policies import Policy
+from .wasm_binary import inspect
+
+__all__ = [
+    "DEFAULT_COMPILE_LIMITS",
+    "SERVING_CODE",
+    "SHARED_COMPILE_SERVER",
+    "CodeSettings",
+    "CompileLimits",
+    "CompileServer",
+    "check_compile_bounds",
+]
+
+log = logging.getLogger("supervisor.compiler")
+
+_MESSAGE_BYTES = 4096
+"""The largest control message either side sends (a job's settings, a child's status)."""
+_CHILD_NICE = 19  # the lowest priority: serving threads always come first
+_OOM_SCORE_ADJ = b"1000"  # the OOM killer takes a compile child before anything else
+_CPU_HARD_MARGIN_S = 1
+"""RLIMIT_CPU's soft limit sends SIGXCPU; the hard limit, this much later, SIGKILLs a child
+that ignored it."""
+_SERVER_ATTEMPTS = 2
+"""A job whose compile server died under it (not its child) is tried once more on a new one."""
+
+# How a child ends when it did not crash: its exit status says which, the output memfd holds
+# the artifact (OK) or a one-line reason.
+_EXIT_OK = 0
+_EXIT_INVALID = 3  # wasmtime refused the module
+_EXIT_MEMORY = 4  # an allocation failed in Python or wasmtime reported ENOMEM
+_ENOMEM_TEXT = ("os error 12", "out of memory", "cannot allocate memory")
+
+
+@dataclass(frozen=True, slots=True)
+class CodeSettings:
+    """The engine settings that change compiled code: an artifact loads only into an engine
+    built with the same ones. The serving engine (`Sandbox`) and the compile child both build
+    their `Config` here, so the two cannot drift apart."""
+
+    consume_fuel: bool = True
+    epoch_interruption: bool = True
+    cranelift_opt_level: str = "speed"
+
+    def config(self) -> wasmtime.Config:
+        config = wasmtime.Config()
+        config.consume_fuel = self.consume_fuel
+        config.epoch_interruption = self.epoch_interruption
+        config.cranelift_opt_level = self.cranelift_opt_level
+        return config
+
+
+@dataclass(frozen=True, slots=True)
+class CompileLimits:
+    """What compiling one module may cost, from the tenant's policy."""
+
+    max_functions: int
+    max_code_bytes: int
+    memory_bytes: int
+    cpu_seconds: int
+
+    @classmethod
+    def of(cls, policy: Policy) -> CompileLimits:
+        return cls(
+            max_functions=policy.max_module_functions,
+            max_code_bytes=policy.max_code_bytes,
+            memory_bytes=policy.compile_memory_bytes,
+            cpu_seconds=policy.compile_cpu_seconds,
+        )
+
+
+SERVING_CODE = CodeSettings()
+"""How the serving engine compiles (`Sandbox`)."""
+DEFAULT_COMPILE_LIMITS = CompileLimits.of(Policy())
+"""The limits of policies/_defaults.toml as shipped."""
+
+
+def check_compile_bounds(binary: bytes, limits: CompileLimits, *, name: str) -> None:
+    """Refuse, before compiling, a module with more functions or code than the policy allows.
+
+    Compile time and memory grow with both; reading the sections' headers takes microseconds.
+    """
+    info = inspect(binary)
+    if info.functions > limits.max_functions:
+        raise ModuleRejected(
+            f"{name}: defines {info.functions} functions, more than the tenant's "
+            f"max_module_functions ({limits.max_functions})"
+        )
+    if info.code_bytes > limits.max_code_bytes:
+        raise ModuleRejected(
+            f"{name}: its code section is {info.code_bytes} bytes, more than the tenant's "
+            f"max_code_bytes ({limits.max_code_bytes})"
+        )
+
+
+class CompileServer:
+    """The worker's handle on its compile server: started on first use, restarted if dead.
+
+    One job at a time (a lock): a worker's compiles are already serialized (the registry
+    loads tenants one by one, admin uploads under a one-slot limiter).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._process: subprocess.Popen[bytes] | None = None
+        self._socket: socket.socket | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """The compile server's pid while it runs (for tests and diagnostics)."""
+        return self._process.pid if self._process is not None else None
+
+    def compile(
+        self, binary: bytes, *, name: str, settings: CodeSettings, limits: CompileLimits
+    ) -> bytes:
+        """The serialized artifact of `binary`. Raises ModuleRejected naming what failed."""
+        job = {"settings": asdict(settings), "limits": asdict(limits)}
+        with self._lock, _memfd("module", binary) as module_fd, _memfd("artifact") as out_fd:
+            for attempt in range(_SERVER_ATTEMPTS):
+                status = self._run_job(job, module_fd, out_fd, name=name)
+                if status is not None:
+                    break
+                log.warning("compile server died during %s (try %d); restarting", name, attempt + 1)
+                self._stop()
+            else:
+                raise ModuleRejected(f"{name}: the compile process failed; try again later")
+            output = _read_all(out_fd)
+        return _outcome(status, output, limits, name=name)
+
+    def close(self) -> None:
+        with self._lock:
+            self._stop()
+
+    def _run_job(self, job: dict, module_fd: int, out_fd: int, *, name: str) -> dict | None:
+        """Send one job and wait for its end; None if the server died (or was found dead)."""
+        os.ftruncate(out_fd, 0)  # a retry starts over (the offset is shared with the child)
+        os.lseek(out_fd, 0, os.SEEK_SET)
+        try:
+            server = self._server()
+            socket.send_fds(server, [json.dumps(job).encode()], [module_fd, out_fd])
+            started = server.recv(_MESSAGE_BYTES)
+            if not started:
+                return None
+            log.info("compiling %s in child pid %d", name, json.loads(started)["pid"])
+            ended = server.recv(_MESSAGE_BYTES)
+        except OSError:
+            return None
+        return json.loads(ended) if ended else None
+
+    def _server(self) -> socket.socket:
+        if self._socket is not None and self._process is not None:
+            if self._process.poll() is None:
+                return self._socket
+            self._stop()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with theirs:
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", __name__, str(theirs.fileno())],
+                pass_fds=[theirs.fileno()],
+                stdin=subprocess.DEVNULL,
+            )
+        self._socket = ours
+        log.info("compile server started, pid %d", self._process.pid)
+        return ours
+
+    def _stop(self) -> None:
+        if self._socket is not None:
+            self._socket.close()  # EOF: a live server exits
+            self._socket = None
+        if self._process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                self._process.kill()
+            self._process.wait()
+            self._process = None
+
+
+SHARED_COMPILE_SERVER = CompileServer()
+"""The process's compile server (one per worker); no process starts before the first compile."""
+
+
+def _outcome(status: dict, output: bytes, limits: CompileLimits, *, name: str) -> bytes:
+    """The artifact if the child succeeded, else ModuleRejected with the reason."""
+    code, signum, cpu_s = status.get("exit"), status.get("signal"), status.get("cpu_s", 0.0)
+    if code == _EXIT_OK:
+        return output
+    reason = output.decode("utf-8", "replace").strip()
+    memory = f"compile_memory_bytes ({limits.memory_bytes})"
+    cpu = f"compile_cpu_seconds ({limits.cpu_seconds})"
+    if code == _EXIT_INVALID:
+        raise ModuleRejected(f"{name}: invalid WebAssembly module: {reason}")
+    if code == _EXIT_MEMORY or signum == signal.SIGABRT:
+        # wasmtime aborts the process when an allocation fails (Rust's default).
+        raise ModuleRejected(f"{name}: compiling it needs more memory than the tenant's {memory}")
+    if signum == signal.SIGXCPU or (signum == signal.SIGKILL and cpu_s >= limits.cpu_seconds):
+        raise ModuleRejected(f"{name}: compiling it takes longer than the tenant's {cpu}")
+    if signum is not None:
+        what = signal.Signals(signum).name
+        log.warning("compile child for %s killed by %s after %.1fs of CPU", name, what, cpu_s)
+        raise ModuleRejected(
+            f"{name}: the compile process was killed ({what}) after {cpu_s:.1f}s of CPU: the "
+            f"pod may be short of memory (the tenant's {memory}, {cpu})"
+        )
+    raise ModuleRejected(f"{name}: the compile process failed (exit status {code}): {reason}")
+
+
+@contextlib.contextmanager
+def _memfd(label: str, data: bytes = b""):
+    fd = os.memfd_create(f"compile-{label}", os.MFD_CLOEXEC)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _read_all(fd: int) -> bytes:
+    size = os.fstat(fd).st_size
+    chunks, offset = [], 0
+    while offset < size:
+        chunk = os.pread(fd, size - offset, offset)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
+
+
+# The compile server and its children (run as `python -m supervisor.compiler <socket fd>`).
+
+
+def _serve(connection: socket.socket) -> None:
+    """Run jobs one at a time until the worker closes its end (or dies)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C is for the worker to handle
+    with contextlib.suppress(ConnectionError):
+        while True:
+            message, fds, _, _ = socket.recv_fds(connection, _MESSAGE_BYTES, 2)
+            if not message:
+                return
+            module_fd, out_fd = fds
+            pid = os.fork()
+            if pid == 0:
+                _run_child(connection, module_fd, out_fd, json.loads(message))
+            os.close(module_fd)
+            os.close(out_fd)
+            connection.send(json.dumps({"pid": pid}).encode())
+            _, wait_status, usage = os.wait4(pid, 0)
+            ended: dict[str, float] = {"cpu_s": usage.ru_utime + usage.ru_stime}
+            if os.WIFSIGNALED(wait_status):
+                ended["signal"] = os.WTERMSIG(wait_status)
+            else:
+                ended["exit"] = os.waitstatus_to_exitcode(wait_status)
+            connection.send(json.dumps(ended).encode())
+
+
+def _run_child(connection: socket.socket, module_fd: int, out_fd: int, job: dict) -> NoReturn:
+    """The forked child: compile, then exit without ever returning into the server's loop."""
+    code = 1
+    try:
+        connection.close()
+        code = _compile_child(module_fd, out_fd, job)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        os._exit(code)
+
+
+def _compile_child(module_fd: int, out_fd: int, job: dict) -> int:
+    """Compile under the job's limits; write the artifact (or a reason) to `out_fd`."""
+    limits = CompileLimits(**job["limits"])
+    try:
+        os.nice(_CHILD_NICE)
+        # Without /proc the limits below still hold.
+        with contextlib.suppress(OSError), open("/proc/self/oom_score_adj", "wb") as adj:
+            adj.write(_OOM_SCORE_ADJ)
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a killed child leaves no core
+        resource.setrlimit(
+            resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds + _CPU_HARD_MARGIN_S)
+        )
+        resource.setrlimit(resource.RLIMIT_AS, (limits.memory_bytes, limits.memory_bytes))
+        binary = _read_all(module_fd)
+        config = CodeSettings(**job["settings"]).config()
+        config.parallel_compilation = False
+        artifact = wasmtime.Module(wasmtime.Engine(config), binary).serialize()
+        result, output = _EXIT_OK, artifact
+    except MemoryError:
+        result, output = _EXIT_MEMORY, b"out of memory"
+    except wasmtime.WasmtimeError as exc:
+        text = str(exc).strip()
+        first = text.splitlines()[0][:300] if text else type(exc).__name__
+        is_memory = any(part in text.lower() for part in _ENOMEM_TEXT)
+        result, output = (_EXIT_MEMORY if is_memory else _EXIT_INVALID), first.encode()
+    try:
+        view = memoryview(output)
+        while view:
+            view = view[os.write(out_fd, view) :]
+    except OSError as exc:
+        return _EXIT_MEMORY if exc.errno == errno.ENOMEM else 1
+    return result
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING)
+    with socket.socket(fileno=int(sys.argv[1])) as worker_end:
+        _serve(worker_end)
