@@ -31,6 +31,7 @@ Errors are JSON `{"error": message, "status": code}`, the message naming the pro
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import json
 import logging
@@ -53,6 +54,7 @@ from .errors import (
     BadRequest,
     ConfigError,
     Conflict,
+    InsufficientStorage,
     MethodNotAllowed,
     ModuleRejected,
     NotFound,
@@ -86,6 +88,8 @@ UPLOAD_RETRY_AFTER_S = 5
 """A compile takes seconds: a busy upload queue is worth retrying a few seconds later."""
 
 _JSON = (b"content-type", b"application/json")
+_DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+"""Write errors that mean "no space", answered 507 (RFC 4918 §11.5), not a 500 traceback."""
 _QUERY_KEYS = frozenset({"route", "entrypoint", "argv", "volume"})
 _MAX_ENTRYPOINT_CHARS = 256
 """An export name longer than this is a mistake; it also bounds what an error message echoes."""
@@ -375,18 +379,28 @@ class AdminApi:
             except ConfigError as exc:
                 log.error("tenant %s: %s", tenant, exc.message)
                 raise SupervisorError("the tenant's manifest is unreadable") from exc
-            new = change(tenant_dir, manifest)
-            if new is None:
-                return manifest, False
             try:
-                self.registry.build_tenant(tenant, new)
-            except RouteConflict as exc:
+                new = change(tenant_dir, manifest)
+                if new is None:
+                    return manifest, False
+                try:
+                    self.registry.build_tenant(tenant, new)
+                except RouteConflict as exc:
+                    store.collect_garbage(tenant_dir, manifest)
+                    raise Conflict(self._client_message(tenant, exc.message)) from exc
+                except ConfigError as exc:
+                    store.collect_garbage(tenant_dir, manifest)
+                    raise ModuleRejected(self._client_message(tenant, exc.message)) from exc
+                store.write_manifest(tenant_dir, new)
+            except OSError as exc:
+                if exc.errno not in _DISK_FULL_ERRNOS:
+                    raise
+                log.error("tenant %s: admin write failed: %s", tenant, exc)
+                # A module file written before the manifest failed is named by no manifest.
                 store.collect_garbage(tenant_dir, manifest)
-                raise Conflict(self._client_message(tenant, exc.message)) from exc
-            except ConfigError as exc:
-                store.collect_garbage(tenant_dir, manifest)
-                raise ModuleRejected(self._client_message(tenant, exc.message)) from exc
-            store.write_manifest(tenant_dir, new)
+                raise InsufficientStorage(
+                    "the server's disk is full: nothing was changed; retry once space is freed"
+                ) from exc
             store.collect_garbage(tenant_dir, new)
             return new, True
 
