@@ -8,10 +8,11 @@ OOM killer (`oom_score_adj` 1000), with `RLIMIT_AS` = `compile_memory_bytes` and
 most, never every core the serving threads need). A child over its limits dies or fails
 alone; the worker answers 422 naming the limit.
 
-A new Python process per compile would cost ~150-200 ms of imports, so each worker process
-starts one *compile server* (`python -m supervisor.compiler`, lazily, restarted if it dies):
-a single-threaded process that has imported wasmtime once and forks one child per job (a fork
-of a single-threaded process is safe; the worker, which has threads, never forks). The worker
+A new Python process per compile would cost ~150-200 ms of imports, so a worker process
+starts a *compile server* (`python -m supervisor.compiler`) on its first compile and keeps it
+(one more only while two compiles run at once; a dead one is replaced): a single-threaded
+process that has imported wasmtime once and forks one child per job (a fork of a
+single-threaded process is safe; the worker, which has threads, never forks). The worker
 hands it a job over a unix socket: the module in one memfd, an empty memfd for the artifact,
 the limits and the engine settings. The child compiles with an engine built like the serving
 one minus the pooling allocator (which changes no code: the artifact is byte-identical and
@@ -46,12 +47,12 @@ from .policies import Policy
 from .wasm_binary import inspect
 
 __all__ = [
+    "COMPILER",
     "DEFAULT_COMPILE_LIMITS",
     "SERVING_CODE",
-    "SHARED_COMPILE_SERVER",
     "CodeSettings",
     "CompileLimits",
-    "CompileServer",
+    "Compiler",
     "check_compile_bounds",
 ]
 
@@ -136,89 +137,98 @@ def check_compile_bounds(binary: bytes, limits: CompileLimits, *, name: str) -> 
         )
 
 
-class CompileServer:
-    """The worker's handle on its compile server: started on first use, restarted if dead.
+class Compiler:
+    """The worker's compile servers: one per compile in progress, started when none is idle,
+    kept for the next compile, replaced when found dead.
 
-    One job at a time (a lock): a worker's compiles are already serialized (the registry
-    loads tenants one by one, admin uploads under a one-slot limiter).
+    A compile holds its server for as long as it takes (up to `compile_cpu_seconds` and
+    more at nice 19), so one tenant's long upload never makes another tenant's module wait
+    behind it. In practice a worker runs at most two at once: the registry's loads, one
+    after the other, and admin uploads under their own one-slot limiter.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._process: subprocess.Popen[bytes] | None = None
-        self._socket: socket.socket | None = None
+        self._idle: list[_CompileServer] = []
 
-    @property
-    def pid(self) -> int | None:
-        """The compile server's pid while it runs (for tests and diagnostics)."""
-        return self._process.pid if self._process is not None else None
+    def idle_pids(self) -> list[int]:
+        """The pids of the idle compile servers (for tests and diagnostics)."""
+        with self._lock:
+            return [server.pid for server in self._idle]
 
     def compile(
         self, binary: bytes, *, name: str, settings: CodeSettings, limits: CompileLimits
     ) -> bytes:
         """The serialized artifact of `binary`. Raises ModuleRejected naming what failed."""
-        job = {"settings": asdict(settings), "limits": asdict(limits)}
-        with self._lock, _memfd("module", binary) as module_fd, _memfd("artifact") as out_fd:
-            for attempt in range(_SERVER_ATTEMPTS):
-                status = self._run_job(job, module_fd, out_fd, name=name)
+        job = json.dumps({"settings": asdict(settings), "limits": asdict(limits)}).encode()
+        with _memfd("module", binary) as module_fd, _memfd("artifact") as out_fd:
+            for attempt in range(1, _SERVER_ATTEMPTS + 1):
+                server = self._take()
+                status = server.run(job, module_fd, out_fd, name=name)
                 if status is not None:
+                    with self._lock:
+                        self._idle.append(server)
                     break
-                log.warning("compile server died during %s (try %d); restarting", name, attempt + 1)
-                self._stop()
+                server.stop()
+                log.warning("compile server died during %s (try %d)", name, attempt)
             else:
                 raise ModuleRejected(f"{name}: the compile process failed; try again later")
             output = _read_all(out_fd)
         return _outcome(status, output, limits, name=name)
 
-    def close(self) -> None:
+    def _take(self) -> _CompileServer:
         with self._lock:
-            self._stop()
+            while self._idle:
+                server = self._idle.pop()
+                if server.alive():
+                    return server
+                server.stop()
+        return _CompileServer()
 
-    def _run_job(self, job: dict, module_fd: int, out_fd: int, *, name: str) -> dict | None:
-        """Send one job and wait for its end; None if the server died (or was found dead)."""
-        os.ftruncate(out_fd, 0)  # a retry starts over (the offset is shared with the child)
-        os.lseek(out_fd, 0, os.SEEK_SET)
-        try:
-            server = self._server()
-            socket.send_fds(server, [json.dumps(job).encode()], [module_fd, out_fd])
-            started = server.recv(_MESSAGE_BYTES)
-            if not started:
-                return None
-            log.info("compiling %s in child pid %d", name, json.loads(started)["pid"])
-            ended = server.recv(_MESSAGE_BYTES)
-        except OSError:
-            return None
-        return json.loads(ended) if ended else None
 
-    def _server(self) -> socket.socket:
-        if self._socket is not None and self._process is not None:
-            if self._process.poll() is None:
-                return self._socket
-            self._stop()
+class _CompileServer:
+    """One compile server process and the worker's end of its socket."""
+
+    def __init__(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         with theirs:
-            self._process = subprocess.Popen(
+            self.process = subprocess.Popen(
                 [sys.executable, "-m", __name__, str(theirs.fileno())],
                 pass_fds=[theirs.fileno()],
                 stdin=subprocess.DEVNULL,
             )
-        self._socket = ours
-        log.info("compile server started, pid %d", self._process.pid)
-        return ours
+        self.socket = ours
+        self.pid = self.process.pid
+        log.info("compile server started, pid %d", self.pid)
 
-    def _stop(self) -> None:
-        if self._socket is not None:
-            self._socket.close()  # EOF: a live server exits
-            self._socket = None
-        if self._process is not None:
-            with contextlib.suppress(ProcessLookupError):
-                self._process.kill()
-            self._process.wait()
-            self._process = None
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def run(self, job: bytes, module_fd: int, out_fd: int, *, name: str) -> dict | None:
+        """Run one job and wait for its end: how the child ended, or None if this server
+        died (or was dead)."""
+        os.ftruncate(out_fd, 0)  # a retry starts over (the offset is shared with the child)
+        os.lseek(out_fd, 0, os.SEEK_SET)
+        try:
+            socket.send_fds(self.socket, [job], [module_fd, out_fd])
+            started = self.socket.recv(_MESSAGE_BYTES)
+            if not started:
+                return None
+            log.info("compiling %s in child pid %d", name, json.loads(started)["pid"])
+            ended = self.socket.recv(_MESSAGE_BYTES)
+        except OSError:
+            return None
+        return json.loads(ended) if ended else None
+
+    def stop(self) -> None:
+        self.socket.close()  # EOF: a live server exits
+        with contextlib.suppress(ProcessLookupError):
+            self.process.kill()
+        self.process.wait()
 
 
-SHARED_COMPILE_SERVER = CompileServer()
-"""The process's compile server (one per worker); no process starts before the first compile."""
+COMPILER = Compiler()
+"""The process's compile servers; no process starts before the first compile."""
 
 
 def _outcome(status: dict, output: bytes, limits: CompileLimits, *, name: str) -> bytes:

@@ -42,9 +42,9 @@ from typing import BinaryIO
 import wasmtime
 
 from .compiler import (
+    COMPILER,
     DEFAULT_COMPILE_LIMITS,
     SERVING_CODE,
-    SHARED_COMPILE_SERVER,
     CodeSettings,
     CompileLimits,
     check_compile_bounds,
@@ -130,9 +130,7 @@ class ArtifactCache:
             if cached is not None:
                 return cached
             self.misses += 1
-            artifact = SHARED_COMPILE_SERVER.compile(
-                binary, name=name, settings=self.code, limits=limits
-            )
+            artifact = COMPILER.compile(binary, name=name, settings=self.code, limits=limits)
             module = wasmtime.Module.deserialize(self.engine, artifact)
             compile_s = time.perf_counter() - started
             self._store_artifact(digest, artifact)

@@ -13,6 +13,7 @@ than 256 MiB and seconds of CPU to compile, which the limits below cut short.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -26,7 +27,7 @@ import wasmtime
 from conftest import DEMO
 from test_admin import admin_tenant, bearer, module_url, start_admin, token_of
 
-from supervisor.compiler import SERVING_CODE, SHARED_COMPILE_SERVER, CompileLimits
+from supervisor.compiler import COMPILER, SERVING_CODE, CompileLimits
 from supervisor.errors import ModuleRejected
 from supervisor.policies import Policy
 from supervisor.sandbox import GuestLimits, Sandbox
@@ -195,7 +196,7 @@ async def test_a_compile_child_killed_mid_compile_is_a_422_and_the_worker_serves
 
     While the child runs, it is seen to run as the issue requires: nice 19, first for the OOM
     killer, its address space and CPU time bounded by the policy, and one thread (wasmtime's
-    parallel compilation off)."""
+    parallel compilation off); and another compile does not wait behind it."""
     caplog.set_level(logging.INFO, logger="supervisor.compiler")
     running = await serving_hello(workspace, start_supervisor, "")
     answers = []
@@ -225,6 +226,13 @@ async def test_a_compile_child_killed_mid_compile_is_a_422_and_the_worker_serves
     assert os.getpriority(os.PRIO_PROCESS, pid) == 19
     assert resource.prlimit(pid, resource.RLIMIT_CPU)[0] == policy.compile_cpu_seconds
     assert "Threads:\t1\n" in _read(pid, "status")
+    # Meanwhile another compile in this worker does not wait for it: it gets a server of its own.
+    limits = CompileLimits.of(policy)
+    compile_hello = functools.partial(
+        COMPILER.compile, HELLO, name="hello", settings=SERVING_CODE, limits=limits
+    )
+    assert await trio.to_thread.run_sync(compile_hello)
+    assert not answers and _read(pid, "status")  # the long compile is still running
     os.kill(pid, signal.SIGKILL)
     await wait_until(lambda: answers)
     assert answers[0].status_code == 422, answers[0].text
@@ -235,12 +243,13 @@ async def test_a_compile_child_killed_mid_compile_is_a_422_and_the_worker_serves
 async def test_a_dead_compile_server_is_restarted(workspace, start_supervisor):
     running = await serving_hello(workspace, start_supervisor, "")
     assert (await upload(running, "hostile", "first", many_functions(3))).status_code == 201
-    dead = SHARED_COMPILE_SERVER.pid
-    assert dead is not None
-    os.kill(dead, signal.SIGKILL)
+    dead = COMPILER.idle_pids()
+    assert dead
+    for pid in dead:
+        os.kill(pid, signal.SIGKILL)
     response = await upload(running, "hostile", "second", many_functions(4))
     assert response.status_code == 201, response.text
-    assert SHARED_COMPILE_SERVER.pid not in (None, dead)
+    assert COMPILER.idle_pids() and not set(COMPILER.idle_pids()) & set(dead)
 
 
 # The artifact
@@ -252,9 +261,7 @@ def test_the_childs_artifact_is_the_serving_engines_byte_for_byte_and_runs_there
     with Sandbox(max_instances=2) as sandbox:
         in_process = wasmtime.Module(sandbox.engine, HELLO).serialize()
         limits = CompileLimits.of(Policy())
-        artifact = SHARED_COMPILE_SERVER.compile(
-            HELLO, name="hello", settings=SERVING_CODE, limits=limits
-        )
+        artifact = COMPILER.compile(HELLO, name="hello", settings=SERVING_CODE, limits=limits)
         assert artifact == in_process
         module = wasmtime.Module.deserialize(sandbox.engine, artifact)
         run = sandbox.run(
@@ -271,7 +278,7 @@ def test_the_childs_artifact_is_the_serving_engines_byte_for_byte_and_runs_there
 )
 def test_an_invalid_module_is_refused_by_the_child_with_wasmtimes_reason(garbage):
     with pytest.raises(ModuleRejected, match=r"^bad: invalid WebAssembly module: "):
-        SHARED_COMPILE_SERVER.compile(
+        COMPILER.compile(
             garbage, name="bad", settings=SERVING_CODE, limits=CompileLimits.of(Policy())
         )
 
