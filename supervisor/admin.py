@@ -15,8 +15,9 @@ An upload is refused as early as each problem can be seen, cheapest first: the t
 parameters before a byte of the body is read (so a refused client never sends it); the size
 while the body streams (`RequestBody.read` stops at `max_module_bytes`); the binary's header,
 imports, initial memory and entrypoint before compiling (microseconds, even for 100 MB);
-then the compile, in a worker thread under its own `CapacityLimiter`, so uploads never take
-the threads that run guests. The artifact goes to the compiled-artifact cache, so the reload
+then the compile, in a child process with the tenant's compile limits (compiler.py), waited
+on from a worker thread under its own `CapacityLimiter`, so uploads never take the threads
+that run guests. The artifact goes to the compiled-artifact cache, so the reload
 that follows, and every restart after it, loads the module in milliseconds.
 
 Every change to a tenant's manifest is one transaction: a `trio.Lock` per tenant in this
@@ -78,8 +79,9 @@ ADMIN_PREFIX = "/_admin/"
 API_PREFIX = "/_admin/v1"
 
 DEFAULT_COMPILE_THREADS = 1
-"""Uploads compiled at once. wasmtime already compiles a module's functions on every core, so
-a second compile adds memory (a 100 MB runtime peaks over 2 GB), not speed."""
+"""Uploads compiled at once. Each compile child takes one core (parallel compilation off,
+compiler.py) and up to its tenant's `compile_memory_bytes` (a 100 MB runtime peaks over 2 GB):
+a second one at once would take the other core of a small pod."""
 
 MAX_UPLOADS_IN_PROGRESS = 8
 """Uploads between their first body byte and their answer. Each holds its body in memory (up
