@@ -26,6 +26,7 @@ Everything here blocks: callers run it in a worker thread.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import json
 import logging
@@ -74,6 +75,8 @@ _EXIT_OK = 0
 _EXIT_INVALID = 3  # wasmtime refused the module
 _EXIT_MEMORY = 4  # an allocation failed in Python or wasmtime reported ENOMEM
 _ENOMEM_TEXT = ("os error 12", "out of memory", "cannot allocate memory")
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,7 +196,7 @@ class _CompileServer:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         with theirs:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", __name__, str(theirs.fileno())],
+                [sys.executable, "-m", __name__, str(theirs.fileno()), str(os.getpid())],
                 pass_fds=[theirs.fileno()],
                 stdin=subprocess.DEVNULL,
             )
@@ -283,18 +286,20 @@ def _read_all(fd: int) -> bytes:
 # The compile server and its children (run as `python -m supervisor.compiler <socket fd>`).
 
 
-def _serve(connection: socket.socket) -> None:
+def _serve(connection: socket.socket, worker: int) -> None:
     """Run jobs one at a time until the worker closes its end (or dies)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C is for the worker to handle
+    _die_with_parent(worker)
     with contextlib.suppress(ConnectionError):
         while True:
             message, fds, _, _ = socket.recv_fds(connection, _MESSAGE_BYTES, 2)
             if not message:
                 return
             module_fd, out_fd = fds
+            server = os.getpid()
             pid = os.fork()
             if pid == 0:
-                _run_child(connection, module_fd, out_fd, json.loads(message))
+                _run_child(connection, server, module_fd, out_fd, json.loads(message))
             os.close(module_fd)
             os.close(out_fd)
             connection.send(json.dumps({"pid": pid}).encode())
@@ -307,22 +312,25 @@ def _serve(connection: socket.socket) -> None:
             connection.send(json.dumps(ended).encode())
 
 
-def _run_child(connection: socket.socket, module_fd: int, out_fd: int, job: dict) -> NoReturn:
+def _run_child(
+    connection: socket.socket, server: int, module_fd: int, out_fd: int, job: dict
+) -> NoReturn:
     """The forked child: compile, then exit without ever returning into the server's loop."""
     code = 1
     try:
         connection.close()
-        code = _compile_child(module_fd, out_fd, job)
+        code = _compile_child(server, module_fd, out_fd, job)
     except BaseException:
         traceback.print_exc()
     finally:
         os._exit(code)
 
 
-def _compile_child(module_fd: int, out_fd: int, job: dict) -> int:
+def _compile_child(server: int, module_fd: int, out_fd: int, job: dict) -> int:
     """Compile under the job's limits; write the artifact (or a reason) to `out_fd`."""
     limits = CompileLimits(**job["limits"])
     try:
+        _die_with_parent(server)
         os.nice(_CHILD_NICE)
         # Without /proc the limits below still hold.
         with contextlib.suppress(OSError), open("/proc/self/oom_score_adj", "wb") as adj:
@@ -353,7 +361,14 @@ def _compile_child(module_fd: int, out_fd: int, job: dict) -> int:
     return result
 
 
+def _die_with_parent(parent: int) -> None:
+    """Be killed when `parent` dies (Linux's PR_SET_PDEATHSIG): a compile of a worker that is
+    gone must not go on for its whole compile_cpu_seconds."""
+    if _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0 or os.getppid() != parent:
+        os._exit(1)  # could not ask, or the parent died before we asked
+
+
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING)
     with socket.socket(fileno=int(sys.argv[1])) as worker_end:
-        _serve(worker_end)
+        _serve(worker_end, worker=int(sys.argv[2]))

@@ -19,7 +19,10 @@ import os
 import re
 import resource
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import trio
@@ -252,6 +255,37 @@ async def test_a_dead_compile_server_is_restarted(workspace, start_supervisor):
     assert COMPILER.idle_pids() and not set(COMPILER.idle_pids()) & set(dead)
 
 
+_ORPHAN_WORKER = """
+import logging, sys
+sys.path[:0] = sys.argv[1:3]
+from test_compile import many_functions
+from supervisor.compiler import COMPILER, DEFAULT_COMPILE_LIMITS, SERVING_CODE
+logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
+COMPILER.compile(
+    many_functions(80_000), name="orphan", settings=SERVING_CODE, limits=DEFAULT_COMPILE_LIMITS
+)
+"""
+
+
+async def test_the_compile_server_and_child_die_with_their_worker(tmp_path):
+    """A worker killed mid-compile (OOM, kill -9) leaves no compile running on without it."""
+    tests = Path(__file__).resolve().parent
+    worker = subprocess.Popen(
+        [sys.executable, "-c", _ORPHAN_WORKER, str(tests.parent), str(tests)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(tests.parent.parent)},
+    )
+    try:
+        lines = [worker.stdout.readline(), worker.stdout.readline()]
+        server = int(re.search(r"compile server started, pid (\d+)", lines[0])[1])
+        child = int(re.search(r"compiling orphan in child pid (\d+)", lines[1])[1])
+    finally:
+        worker.kill()
+        worker.wait()
+    await wait_until(lambda: not _alive(server) and not _alive(child))
+
+
 # The artifact
 
 
@@ -281,6 +315,12 @@ def test_an_invalid_module_is_refused_by_the_child_with_wasmtimes_reason(garbage
         COMPILER.compile(
             garbage, name="bad", settings=SERVING_CODE, limits=CompileLimits.of(Policy())
         )
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, dead but not yet reaped, counts as gone)."""
+    state = _read(pid, "stat").rpartition(")")[2].split()[:1]
+    return state not in ([], ["Z"])
 
 
 def _read(pid: int, name: str) -> str:
