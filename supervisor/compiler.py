@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import resource
+import select
 import signal
 import socket
 import subprocess
@@ -196,7 +197,7 @@ class _CompileServer:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         with theirs:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", __name__, str(theirs.fileno()), str(os.getpid())],
+                [sys.executable, "-m", __name__, str(theirs.fileno())],
                 pass_fds=[theirs.fileno()],
                 stdin=subprocess.DEVNULL,
             )
@@ -286,23 +287,28 @@ def _read_all(fd: int) -> bytes:
 # The compile server and its children (run as `python -m supervisor.compiler <socket fd>`).
 
 
-def _serve(connection: socket.socket, worker: int) -> None:
-    """Run jobs one at a time until the worker closes its end (or dies)."""
+def _serve(connection: socket.socket) -> None:
+    """Run jobs one at a time until the worker closes its end or dies; then stop, killing a
+    compile in progress. (Not PR_SET_PDEATHSIG here: it fires when the *thread* that started
+    this server ends, and a worker's threads come and go.)"""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C is for the worker to handle
-    _die_with_parent(worker)
+    server = os.getpid()
     with contextlib.suppress(ConnectionError):
         while True:
             message, fds, _, _ = socket.recv_fds(connection, _MESSAGE_BYTES, 2)
             if not message:
                 return
             module_fd, out_fd = fds
-            server = os.getpid()
             pid = os.fork()
             if pid == 0:
                 _run_child(connection, server, module_fd, out_fd, json.loads(message))
             os.close(module_fd)
             os.close(out_fd)
             connection.send(json.dumps({"pid": pid}).encode())
+            if not _child_ends_first(connection, pid):
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                return
             _, wait_status, usage = os.wait4(pid, 0)
             ended: dict[str, float] = {"cpu_s": usage.ru_utime + usage.ru_stime}
             if os.WIFSIGNALED(wait_status):
@@ -310,6 +316,17 @@ def _serve(connection: socket.socket, worker: int) -> None:
             else:
                 ended["exit"] = os.waitstatus_to_exitcode(wait_status)
             connection.send(json.dumps(ended).encode())
+
+
+def _child_ends_first(connection: socket.socket, pid: int) -> bool:
+    """Wait for the child to end (True) or the worker's end to close (False): the worker
+    sends nothing while a job runs, so its end turning readable means it is gone."""
+    pidfd = os.pidfd_open(pid)
+    try:
+        readable, _, _ = select.select([pidfd, connection], [], [])
+    finally:
+        os.close(pidfd)
+    return pidfd in readable
 
 
 def _run_child(
@@ -362,8 +379,8 @@ def _compile_child(server: int, module_fd: int, out_fd: int, job: dict) -> int:
 
 
 def _die_with_parent(parent: int) -> None:
-    """Be killed when `parent` dies (Linux's PR_SET_PDEATHSIG): a compile of a worker that is
-    gone must not go on for its whole compile_cpu_seconds."""
+    """Be killed when `parent` (the single-threaded compile server) dies (Linux's
+    PR_SET_PDEATHSIG): a compile nobody waits for must not go on for compile_cpu_seconds."""
     if _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0 or os.getppid() != parent:
         os._exit(1)  # could not ask, or the parent died before we asked
 
@@ -371,4 +388,4 @@ def _die_with_parent(parent: int) -> None:
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING)
     with socket.socket(fileno=int(sys.argv[1])) as worker_end:
-        _serve(worker_end, worker=int(sys.argv[2]))
+        _serve(worker_end)

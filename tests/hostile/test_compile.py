@@ -256,19 +256,26 @@ async def test_a_dead_compile_server_is_restarted(workspace, start_supervisor):
 
 
 _ORPHAN_WORKER = """
-import logging, sys
+import logging, sys, threading
 sys.path[:0] = sys.argv[1:3]
 from test_compile import many_functions
 from supervisor.compiler import COMPILER, DEFAULT_COMPILE_LIMITS, SERVING_CODE
 logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
-COMPILER.compile(
-    many_functions(80_000), name="orphan", settings=SERVING_CODE, limits=DEFAULT_COMPILE_LIMITS
-)
+def compile_in_a_thread(name, functions):
+    thread = threading.Thread(target=COMPILER.compile, args=(many_functions(functions),),
+        kwargs=dict(name=name, settings=SERVING_CODE, limits=DEFAULT_COMPILE_LIMITS))
+    thread.start()
+    return thread
+compile_in_a_thread("first", 10).join()  # starts the server, and the thread ends
+compile_in_a_thread("orphan", 80_000).join()
 """
 
 
 async def test_the_compile_server_and_child_die_with_their_worker(tmp_path):
-    """A worker killed mid-compile (OOM, kill -9) leaves no compile running on without it."""
+    """A worker killed mid-compile (OOM, kill -9) leaves no compile running on without it.
+
+    The worker here is a process of its own that compiles from a thread that has ended by
+    then, as trio's worker threads do: the server must outlive that thread, not the worker."""
     tests = Path(__file__).resolve().parent
     worker = subprocess.Popen(
         [sys.executable, "-c", _ORPHAN_WORKER, str(tests.parent), str(tests)],
@@ -277,9 +284,9 @@ async def test_the_compile_server_and_child_die_with_their_worker(tmp_path):
         env={**os.environ, "PYTHONPATH": str(tests.parent.parent)},
     )
     try:
-        lines = [worker.stdout.readline(), worker.stdout.readline()]
+        lines = [worker.stdout.readline() for _ in range(3)]
         server = int(re.search(r"compile server started, pid (\d+)", lines[0])[1])
-        child = int(re.search(r"compiling orphan in child pid (\d+)", lines[1])[1])
+        child = int(re.search(r"compiling orphan in child pid (\d+)", lines[2])[1])
     finally:
         worker.kill()
         worker.wait()
