@@ -254,8 +254,8 @@ def _outcome(status: dict, output: bytes, limits: CompileLimits, *, name: str) -
         what = signal.Signals(signum).name
         log.warning("compile child for %s killed by %s after %.1fs of CPU", name, what, cpu_s)
         raise ModuleRejected(
-            f"{name}: the compile process was killed ({what}) after {cpu_s:.1f}s of CPU: the "
-            f"pod may be short of memory (the tenant's {memory}, {cpu})"
+            f"{name}: the compile process was killed ({what}) after {cpu_s:.1f}s of CPU, "
+            "within the tenant's limits: the pod may be short of memory; try again later"
         )
     raise ModuleRejected(f"{name}: the compile process failed (exit status {code}): {reason}")
 
