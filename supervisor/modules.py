@@ -131,9 +131,13 @@ class ArtifactCache:
                 return cached
             self.misses += 1
             artifact = COMPILER.compile(binary, name=name, settings=self.code, limits=limits)
-            module = wasmtime.Module.deserialize(self.engine, artifact)
-            compile_s = time.perf_counter() - started
             self._store_artifact(digest, artifact)
+            # Mapped from the stored file once verified, as every later load is (no copy; the
+            # pod's workers share its pages); from memory if it could not be stored.
+            module = self._load_artifact(digest) or wasmtime.Module.deserialize(
+                self.engine, artifact
+            )
+            compile_s = time.perf_counter() - started
             self._in_memory[digest] = module
             return CompiledModule(digest, len(binary), module, compile_s, False)
 
