@@ -284,7 +284,11 @@ async def test_the_compile_server_and_child_die_with_their_worker(tmp_path):
         env={**os.environ, "PYTHONPATH": str(tests.parent.parent)},
     )
     try:
-        lines = [worker.stdout.readline() for _ in range(3)]
+        with trio.fail_after(WAIT_S):
+            lines = [
+                await trio.to_thread.run_sync(worker.stdout.readline, abandon_on_cancel=True)
+                for _ in range(3)
+            ]
         server = int(re.search(r"compile server started, pid (\d+)", lines[0])[1])
         child = int(re.search(r"compiling orphan in child pid (\d+)", lines[2])[1])
     finally:
