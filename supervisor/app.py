@@ -109,6 +109,7 @@ async def run(
             config.cache_dir,
             sandbox.engine,
             sandbox.settings,
+            sandbox.code,
             max_bytes=config.cache_max_bytes,
             min_age_s=config.cache_min_age_s,
         )

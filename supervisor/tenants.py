@@ -32,6 +32,7 @@ import trio
 
 from . import policies, store
 from .admission import TenantLimits
+from .compiler import CompileLimits
 from .errors import ConfigError, ModuleRejected, RouteConflict, SupervisorError
 from .modules import ArtifactCache, CompiledModule, to_binary
 from .policies import Policy
@@ -447,7 +448,7 @@ class TenantRegistry:
         try:
             binary = to_binary(raw, name=relative)
             check_module_binary(binary, name=relative, memory_limit=policy.memory_bytes)
-            compiled = self.cache.load(binary, name=relative)
+            compiled = self.cache.load(binary, name=relative, limits=CompileLimits.of(policy))
         except ModuleRejected as exc:
             raise ConfigError(source, "module", exc.message) from exc
         self._file_digests[key] = compiled
