@@ -1,0 +1,97 @@
+"""`oci:` modules for the tenant registry: pulled, verified and kept on the pod's disk.
+
+Manifests and layers are stored under the pod's cache folder by digest (`sha256/<hex>`), and
+checked against that digest again whenever they are read. So:
+
+- a reference by digest is served from disk once pulled: no registry is asked again, and a
+  restart does not depend on the registry being up;
+- a reference by tag is resolved by the registry each time a tenant is (re)loaded, and pinned
+  to the digest it resolved to until the next reload (WAGI caches a tag forever, so a moved
+  tag is never seen). The digest is logged. The layer itself is read from disk if it is there.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Collection
+from pathlib import Path
+
+from .client import PulledModule, PullError, RegistryClient, parse_manifest, sha256_digest
+from .reference import InvalidReference, Reference, parse_reference
+
+__all__ = ["PulledModules"]
+
+log = logging.getLogger("supervisor.oci")
+
+
+class PulledModules:
+    """Resolves `oci:` references to module bytes, through a content-addressed disk cache."""
+
+    def __init__(self, directory: Path, *, insecure_registries: Collection[str] = ()) -> None:
+        self.directory = directory
+        self.insecure_registries = frozenset(insecure_registries)
+
+    def fetch(self, text: str, *, max_bytes: int) -> PulledModule:
+        """The module `text` (an `oci:` reference) names now; raises PullError. Blocking."""
+        try:
+            reference = parse_reference(text)
+        except InvalidReference as exc:
+            raise PullError(str(exc)) from exc
+        if reference.digest is not None:
+            pulled = self._from_disk(reference, max_bytes)
+            if pulled is not None:
+                return pulled
+        with RegistryClient(insecure_registries=self.insecure_registries) as client:
+            manifest = client.manifest(reference)
+            layer = manifest.wasm_layer(reference)
+            content = self._read(layer["digest"])
+            if content is None or len(content) > max_bytes:
+                content = client.blob(reference, layer, max_bytes=max_bytes)
+                self._write(layer["digest"], content)
+        self._write(manifest.digest, manifest.raw)
+        if reference.digest is None:
+            log.info("%s resolved to %s (layer %s)", reference, manifest.digest, layer["digest"])
+        return PulledModule(
+            reference, manifest.digest, layer["digest"], layer["mediaType"], content
+        )
+
+    def _from_disk(self, reference: Reference, max_bytes: int) -> PulledModule | None:
+        raw = self._read(reference.digest)
+        if raw is None:
+            return None
+        manifest = parse_manifest(reference, raw)
+        layer = manifest.wasm_layer(reference)
+        content = self._read(layer["digest"])
+        if content is None or len(content) > max_bytes:
+            return None
+        return PulledModule(
+            reference, manifest.digest, layer["digest"], layer["mediaType"], content
+        )
+
+    def _path(self, digest: str) -> Path:
+        algorithm, _, hex_digest = digest.partition(":")
+        return self.directory / algorithm / hex_digest
+
+    def _read(self, digest: str) -> bytes | None:
+        """The stored content of `digest`, if present and still matching it."""
+        try:
+            content = self._path(digest).read_bytes()
+        except OSError:
+            return None
+        if sha256_digest(content) != digest:
+            log.warning("oci cache: %s does not match its content; pulling it again", digest)
+            return None
+        return content
+
+    def _write(self, digest: str, content: bytes) -> None:
+        """Store verified content atomically; a cache that cannot be written costs pulls."""
+        path = self._path(digest)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as file:
+                file.write(content)
+            os.replace(file.name, path)
+        except OSError as exc:
+            log.warning("oci cache %s not written: %s", path, exc)
