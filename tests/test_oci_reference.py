@@ -1,0 +1,157 @@
+"""`oci:` references and registry credentials: pure functions, no registry needed."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+
+from supervisor.oci import InvalidReference, Reference, check_registry_host, parse_reference
+from supervisor.oci.auth import AuthError, Credentials, load_docker_credentials, parse_challenge
+
+DIGEST = "sha256:" + "ab" * 32
+
+
+@pytest.mark.parametrize(
+    ("text", "expected", "api_host", "pull_ref"),
+    [
+        # WAGI's two spellings
+        ("oci:foo/bar:1.2.3", Reference("docker.io", "foo/bar", "1.2.3", None), None, "1.2.3"),
+        (
+            "oci://127.0.0.1:5001/x/y:v1",
+            Reference("127.0.0.1:5001", "x/y", "v1", None),
+            "127.0.0.1:5001",
+            "v1",
+        ),
+        # Docker Hub: the default registry, library/ for single names, latest by default
+        ("oci:hello", Reference("docker.io", "library/hello", "latest", None), None, "latest"),
+        ("oci:docker.io/hello:1", Reference("docker.io", "library/hello", "1", None), None, "1"),
+        # a first component with a dot, a port or `localhost` is a registry
+        ("oci:ghcr.io/a/b:c", Reference("ghcr.io", "a/b", "c", None), "ghcr.io", "c"),
+        ("oci:localhost/a", Reference("localhost", "a", "latest", None), "localhost", "latest"),
+        ("oci:localhost:5000/a", Reference("localhost:5000", "a", "latest", None), None, None),
+        # digests: pulled by digest, a tag beside one is only a label
+        (f"oci:ghcr.io/a@{DIGEST}", Reference("ghcr.io", "a", None, DIGEST), None, DIGEST),
+        (f"oci:ghcr.io/a:v1@{DIGEST}", Reference("ghcr.io", "a", "v1", DIGEST), None, DIGEST),
+        # `oci://` always names the registry first, even without a dot
+        ("oci://registry/a/b", Reference("registry", "a/b", "latest", None), "registry", None),
+        (
+            "oci:a__b/c-d.e_f:t.1-x",
+            Reference("docker.io", "a__b/c-d.e_f", "t.1-x", None),
+            None,
+            None,
+        ),
+    ],
+)
+def test_accepted_forms(text, expected, api_host, pull_ref):
+    reference = parse_reference(text)
+    assert reference == expected
+    if api_host is not None:
+        assert reference.api_host == api_host
+    if pull_ref is not None:
+        assert reference.pull_ref == pull_ref
+
+
+def test_docker_io_is_served_by_registry_1_and_a_reference_prints_back():
+    reference = parse_reference("oci:foo/bar:1")
+    assert reference.api_host == "registry-1.docker.io"
+    assert str(reference) == "oci:docker.io/foo/bar:1"
+    assert parse_reference(str(reference)) == reference
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("oci:", "no repository after oci:"),
+        ("oci://host", "no repository after the registry 'host'"),
+        (
+            "oci:ghcr.io/Upper/x",
+            "repository component 'Upper' is not valid (repositories are lowercase)",
+        ),
+        ("oci:ghcr.io/a/-b", "repository component '-b' is not valid"),
+        ("oci:ghcr.io/a:bad:tag", "repository component 'a:bad' is not valid"),
+        ("oci:ghcr.io/a:.tag", "tag '.tag' is not a valid tag"),
+        ("oci:ghcr.io/a@sha256:12", "digest 'sha256:12' is not sha256: followed by 64"),
+        ("oci:ghcr.io/a@sha512:" + "0" * 128, "is not sha256: followed by 64"),
+        ("oci://bad_host:5000/a", "registry 'bad_host:5000' is not HOST[:PORT]"),
+        ("oci:ghcr.io/" + "a/" * 130 + "a", "name longer than 255 characters"),
+        ("ghcr.io/a", "not an oci: reference"),
+    ],
+)
+def test_refused_forms_name_the_part_that_is_wrong(text, message):
+    with pytest.raises(InvalidReference) as raised:
+        parse_reference(text)
+    assert message in str(raised.value)
+
+
+def test_insecure_registry_hosts_are_host_and_optional_port():
+    assert check_registry_host("127.0.0.1:5001") == "127.0.0.1:5001"
+    assert check_registry_host("[::1]:5000") == "[::1]:5000"
+    with pytest.raises(InvalidReference, match="'http://x' is not a registry HOST"):
+        check_registry_host("http://x")
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        (
+            'Bearer realm="https://auth.example/token",service="registry.example",'
+            'scope="repository:a/b:pull"',
+            (
+                "bearer",
+                {
+                    "realm": "https://auth.example/token",
+                    "service": "registry.example",
+                    "scope": "repository:a/b:pull",
+                },
+            ),
+        ),
+        ('Basic realm="Registry Realm"', ("basic", {"realm": "Registry Realm"})),
+        (
+            'Bearer realm="a\\"b", error=invalid_token',
+            ("bearer", {"realm": 'a"b', "error": "invalid_token"}),
+        ),
+        ("", ("", {})),
+    ],
+)
+def test_challenges_are_parsed_with_quoted_and_bare_values(header, expected):
+    assert parse_challenge(header) == expected
+
+
+def write_config(folder, auths) -> dict[str, str]:
+    (folder / "config.json").write_text(json.dumps({"auths": auths}))
+    return {"DOCKER_CONFIG": str(folder)}
+
+
+def encoded(pair: str) -> str:
+    return base64.b64encode(pair.encode()).decode()
+
+
+def test_docker_config_credentials_by_host_url_or_docker_hub_key(tmp_path):
+    environ = write_config(
+        tmp_path,
+        {
+            "ghcr.io": {"auth": encoded("me:pa:ss")},
+            "https://registry.example:5000": {"username": "u", "password": "p"},
+            "https://index.docker.io/v1/": {"auth": encoded("hub:key")},
+        },
+    )
+    assert load_docker_credentials("ghcr.io", environ) == Credentials("me", "pa:ss")
+    assert load_docker_credentials("registry.example:5000", environ) == Credentials("u", "p")
+    assert load_docker_credentials("docker.io", environ) == Credentials("hub", "key")
+    assert load_docker_credentials("other.example", environ) is None
+    assert "pa:ss" not in repr(load_docker_credentials("ghcr.io", environ))
+
+
+def test_no_docker_config_means_anonymous(tmp_path):
+    assert load_docker_credentials("ghcr.io", {"DOCKER_CONFIG": str(tmp_path)}) is None
+
+
+def test_a_broken_docker_config_is_an_error_that_names_the_file_and_entry(tmp_path):
+    environ = write_config(tmp_path, {"ghcr.io": {"auth": "not base64!"}})
+    with pytest.raises(AuthError, match=r"config.json: auths.ghcr.io.auth: not base64"):
+        load_docker_credentials("ghcr.io", environ)
+    (tmp_path / "config.json").write_text("{")
+    with pytest.raises(AuthError, match=r"config.json: cannot be read as JSON"):
+        load_docker_credentials("ghcr.io", environ)

@@ -1,0 +1,271 @@
+"""`oci:` modules against a real registry (Debian's docker-registry on 127.0.0.1).
+
+Each test pushes with the project's own RegistryClient (tests/oci_registry.py), then serves
+or uploads what it pushed through a real supervisor, and reads the answer over HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from functools import partial
+
+import pytest
+import trio
+from conftest import Running, Workspace
+from oci_registry import (
+    LAYOUTS,
+    Registry,
+    TokenFront,
+    bcrypt_htpasswd_line,
+    greeter_wasm,
+    push,
+    run_registry,
+)
+from test_admin import OPERATOR_TOKEN, admin_tenant, start_admin, wasm_supervisor
+
+from supervisor.oci import PullError, RegistryClient, parse_reference
+from supervisor.tenants import RegistryState
+
+
+@pytest.fixture
+def registry(tmp_path) -> Registry:
+    with run_registry(tmp_path / "registry") as running:
+        yield running
+
+
+def client_for(registry_host: str, **kwargs) -> RegistryClient:
+    return RegistryClient(insecure_registries=[registry_host], **kwargs)
+
+
+def serve_module(workspace: Workspace, tenant: str, module: str, policy: str = "") -> None:
+    """A tenant whose modules.toml serves `module` (an oci: reference) at /hello."""
+    workspace.add_tenant(tenant, policy=policy)
+    (workspace.tenants / tenant / "modules.toml").write_text(
+        f'[[module]]\nroute = "/hello"\nmodule = "{module}"\n'
+    )
+
+
+async def start(start_supervisor, *hosts: str, **overrides) -> Running:
+    return await start_supervisor(insecure_registries=frozenset(hosts), **overrides)
+
+
+async def reload(running: Running) -> RegistryState:
+    """What SIGHUP does: every tenant rebuilt now (a tag resolved again)."""
+    return await trio.to_thread.run_sync(partial(running.app.registry.reload, force=True))
+
+
+def load_error(running: Running, tenant: str) -> str:
+    return running.app.registry.state.errors[tenant]
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+async def test_a_tag_in_modules_toml_is_pulled_and_served_in_each_layout(
+    workspace, start_supervisor, registry, caplog, layout
+):
+    reference = registry.reference(f"mods/{layout}")
+    with client_for(registry.host) as client:
+        digest = push(client, reference, greeter_wasm(f"hello {layout}"), layout)
+    serve_module(workspace, "acme", str(reference))
+    caplog.set_level(logging.INFO, logger="supervisor.oci")
+
+    running = await start(start_supervisor, registry.host)
+
+    response = await running.client.get("/acme/hello")
+    assert (response.status_code, response.text) == (200, f"hello {layout}\n")
+    assert f"{reference} resolved to {digest}" in caplog.text
+
+
+async def test_a_registry_not_named_insecure_is_spoken_to_over_https(
+    workspace, start_supervisor, registry
+):
+    reference = registry.reference("mods/greeter")
+    with client_for(registry.host) as client:
+        push(client, reference, greeter_wasm("hello"))
+    serve_module(workspace, "acme", str(reference))
+
+    running = await start(start_supervisor)  # no --insecure-registry
+
+    assert (await running.client.get("/acme/hello")).status_code == 404
+    assert f"https://{registry.host}/v2/mods/greeter/manifests/v1" in load_error(running, "acme")
+
+
+async def test_a_moved_tag_stays_pinned_until_a_reload_resolves_it_again(
+    workspace, start_supervisor, registry, caplog
+):
+    reference = registry.reference("mods/greeter", "stable")
+    with client_for(registry.host) as client:
+        push(client, reference, greeter_wasm("one"))
+    serve_module(workspace, "acme", str(reference))
+    caplog.set_level(logging.INFO, logger="supervisor.oci")
+    running = await start(start_supervisor, registry.host)
+    assert (await running.client.get("/acme/hello")).text == "one\n"
+
+    with client_for(registry.host) as client:
+        moved_to = push(client, reference, greeter_wasm("two"))
+    # What the file watcher does every round: nothing changed on disk, so the pin holds.
+    await trio.to_thread.run_sync(running.app.registry.reload)
+    assert (await running.client.get("/acme/hello")).text == "one\n"
+
+    await reload(running)
+    assert (await running.client.get("/acme/hello")).text == "two\n"
+    assert f"{reference} resolved to {moved_to}" in caplog.text
+
+
+async def test_a_digest_reference_is_served_from_the_disk_cache_once_pulled(
+    workspace, start_supervisor, tmp_path
+):
+    with run_registry(tmp_path / "short-lived") as registry:
+        with client_for(registry.host) as client:
+            digest = push(client, registry.reference("mods/greeter"), greeter_wasm("pinned"))
+        host = registry.host
+        serve_module(workspace, "acme", f"oci:{host}/mods/greeter@{digest}")
+        running = await start(start_supervisor, host)
+        assert (await running.client.get("/acme/hello")).text == "pinned\n"
+
+    # The registry is gone: the manifest and the layer come from the pod's disk, on a reload
+    # and on a restart (a new supervisor on the same cache folder).
+    assert "acme" not in (await reload(running)).errors
+    restarted = await start(start_supervisor, host)
+    assert (await restarted.client.get("/acme/hello")).text == "pinned\n"
+
+
+async def test_a_corrupted_layer_is_refused(workspace, start_supervisor, registry):
+    reference = registry.reference("mods/greeter")
+    wasm = greeter_wasm("hello")
+    with client_for(registry.host) as client:
+        push(client, reference, wasm)
+        layer = client.manifest(reference).wasm_layer(reference)["digest"]
+    stored = registry.blob_file(layer)
+    stored.write_bytes(stored.read_bytes().replace(b"hello", b"jello"))  # same size
+    serve_module(workspace, "acme", str(reference))
+
+    running = await start(start_supervisor, registry.host)
+
+    assert (await running.client.get("/acme/hello")).status_code == 404
+    assert f"layer {layer} does not match its content" in load_error(running, "acme")
+
+
+async def test_a_manifest_that_does_not_hash_to_the_digest_asked_for_is_refused(
+    workspace, start_supervisor, registry
+):
+    reference = registry.reference("mods/greeter")
+    with client_for(registry.host) as client:
+        digest = push(client, reference, greeter_wasm("hello"))
+    stored = registry.blob_file(digest)
+    manifest = json.loads(stored.read_bytes())
+    manifest["annotations"] = {"tampered": "yes"}
+    stored.write_bytes(json.dumps(manifest).encode())
+    serve_module(workspace, "acme", f"oci:{registry.host}/mods/greeter@{digest}")
+
+    running = await start(start_supervisor, registry.host)
+
+    assert (await running.client.get("/acme/hello")).status_code == 404
+    assert "the manifest's content has digest sha256:" in load_error(running, "acme")
+
+
+async def test_two_wasm_layers_are_refused_as_not_one_module(workspace, start_supervisor, registry):
+    reference = registry.reference("mods/app")
+    with client_for(registry.host) as client:
+        push(client, reference, greeter_wasm("hello"), "spin", extra_wasm_layers=1)
+    serve_module(workspace, "acme", str(reference))
+
+    running = await start(start_supervisor, registry.host)
+
+    assert "2 wasm layers; a module reference must name exactly one module" in load_error(
+        running, "acme"
+    )
+
+
+async def test_a_layer_over_max_module_bytes_is_refused_before_it_is_read(
+    workspace, start_supervisor, registry
+):
+    reference = registry.reference("mods/big")
+    big = greeter_wasm("x" * 2048)
+    with client_for(registry.host) as client:
+        push(client, reference, big)
+    serve_module(workspace, "acme", str(reference), policy='max_module_bytes = "1KiB"\n')
+
+    running = await start(start_supervisor, registry.host)
+
+    assert f"is {len(big)} bytes, over max_module_bytes (1024)" in load_error(running, "acme")
+
+
+async def test_basic_auth_with_docker_config_credentials(
+    workspace, start_supervisor, tmp_path, monkeypatch
+):
+    htpasswd = bcrypt_htpasswd_line("alice", "s3cret")
+    with run_registry(tmp_path / "registry", htpasswd=htpasswd) as registry:
+        reference = registry.reference("mods/private")
+        docker = tmp_path / "docker"
+        docker.mkdir()
+        auth = {"auths": {registry.host: {"auth": "YWxpY2U6czNjcmV0"}}}  # alice:s3cret
+        (docker / "config.json").write_text(json.dumps(auth))
+        environ = {"DOCKER_CONFIG": str(docker)}
+        with client_for(registry.host, environ=environ) as client:
+            push(client, reference, greeter_wasm("private"))
+        anonymous = client_for(registry.host, environ={"DOCKER_CONFIG": str(tmp_path)})
+        with anonymous, pytest.raises(PullError, match="401 UNAUTHORIZED"):
+            anonymous.pull_module(reference, max_bytes=1 << 20)
+        serve_module(workspace, "acme", str(reference))
+        monkeypatch.setenv("DOCKER_CONFIG", str(docker))
+
+        running = await start(start_supervisor, registry.host)
+
+        assert (await running.client.get("/acme/hello")).text == "private\n"
+
+
+async def test_the_registry_token_flow(
+    workspace, start_supervisor, registry, tmp_path, monkeypatch
+):
+    docker = tmp_path / "docker"
+    docker.mkdir()
+    with TokenFront(registry.host, "bob", "hunter2") as front:
+        auth = {"auths": {front.host: {"username": "bob", "password": "hunter2"}}}
+        (docker / "config.json").write_text(json.dumps(auth))
+        front_reference = parse_reference(f"oci:{front.host}/mods/tokened:v1")
+        with client_for(front.host, environ={"DOCKER_CONFIG": str(docker)}) as client:
+            push(client, front_reference, greeter_wasm("tokened"))
+        anonymous = client_for(front.host, environ={"DOCKER_CONFIG": str(tmp_path)})
+        with anonymous, pytest.raises(PullError, match=r"token realm http://.*/token answered 401"):
+            anonymous.pull_module(front_reference, max_bytes=1 << 20)
+        serve_module(workspace, "acme", str(front_reference))
+        monkeypatch.setenv("DOCKER_CONFIG", str(docker))
+        front.log.clear()
+
+        running = await start(start_supervisor, front.host)
+
+        assert (await running.client.get("/acme/hello")).text == "tokened\n"
+        manifest_path = "/v2/mods/tokened/manifests/v1"
+        assert front.log[:3] == [
+            ("GET", manifest_path, ""),  # refused: 401 with the Bearer challenge
+            (
+                "GET",
+                "/token?service=oci-tests&scope=repository%3Amods%2Ftokened%3Apull%2Cpush",
+                "Basic",
+            ),
+            ("GET", manifest_path, "Bearer"),
+        ]
+        assert all(scheme == "Bearer" for _, path, scheme in front.log[3:])
+
+
+async def test_upload_pulls_an_oci_reference_on_the_client_and_uploads_its_bytes(
+    workspace, start_supervisor, registry, monkeypatch, capsys
+):
+    reference = registry.reference("mods/greeter")
+    with client_for(registry.host) as client:
+        digest = push(client, reference, greeter_wasm("uploaded"), "wagi")
+    admin_tenant(workspace, "acme")
+    running = await start_admin(start_supervisor)  # the server is told of no registry
+    monkeypatch.setenv("SUPERVISOR_SERVER", running.url)
+    monkeypatch.setenv("SUPERVISOR_ADMIN_TOKEN", OPERATOR_TOKEN)
+
+    argv = ["upload", "acme", "greeter", str(reference), "--route", "/greet"]
+    assert await wasm_supervisor(*argv) == 1
+    assert f"https://{registry.host}/v2/" in capsys.readouterr().err  # not insecure: https
+    assert await wasm_supervisor(*argv, "--insecure-registry", registry.host) == 0
+
+    out, err = capsys.readouterr()
+    assert err == f"pulled {reference} ({digest})\n"
+    assert out.startswith("uploaded acme/greeter sha256:")
+    assert (await running.client.get("/acme/greet")).text == "uploaded\n"
