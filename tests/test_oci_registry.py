@@ -6,9 +6,12 @@ or uploads what it pushed through a real supervisor, and reads the answer over H
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import threading
 from functools import partial
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import trio
@@ -24,7 +27,9 @@ from oci_registry import (
 )
 from test_admin import OPERATOR_TOKEN, admin_tenant, start_admin, wasm_supervisor
 
+from supervisor import cli
 from supervisor.oci import PullError, RegistryClient, parse_reference
+from supervisor.oci.client import MAX_MANIFEST_BYTES
 from supervisor.tenants import RegistryState
 
 
@@ -269,3 +274,58 @@ async def test_upload_pulls_an_oci_reference_on_the_client_and_uploads_its_bytes
     assert err == f"pulled {reference} ({digest})\n"
     assert out.startswith("uploaded acme/greeter sha256:")
     assert (await running.client.get("/acme/greet")).text == "uploaded\n"
+
+
+class OversizeManifest(BaseHTTPRequestHandler):
+    """A registry that answers every manifest with 5 MiB of JSON, declared or chunked."""
+
+    SIZE = 5 * 1024 * 1024
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        chunked = "chunked" in self.path
+        self.send_response(200)
+        self.send_header("content-type", "application/vnd.oci.image.manifest.v1+json")
+        if chunked:
+            self.send_header("transfer-encoding", "chunked")
+        else:
+            self.send_header("content-length", str(self.SIZE))
+        self.end_headers()
+        piece = b" " * 65536
+        with contextlib.suppress(OSError):  # the client hangs up once it has seen enough
+            for _ in range(self.SIZE // len(piece)):
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+            if chunked:
+                self.wfile.write(b"0\r\n\r\n")
+
+
+@pytest.mark.parametrize("repository", ["declared", "chunked"])
+def test_a_manifest_over_4_mib_is_refused_while_it_streams(repository):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), OversizeManifest)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    host = f"127.0.0.1:{server.server_address[1]}"
+    try:
+        with client_for(host) as client, pytest.raises(PullError) as raised:
+            client.pull_module(f"oci:{host}/{repository}:v1", max_bytes=1 << 20)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+    limit = MAX_MANIFEST_BYTES
+    expected = (
+        f"is {OversizeManifest.SIZE} bytes, over {limit}"
+        if repository == "declared"
+        else f"is over {limit} bytes"
+    )
+    assert f"manifest {expected}" in str(raised.value)
+
+
+def test_insecure_registry_flags_reach_the_app_config(monkeypatch):
+    monkeypatch.setenv("SUPERVISOR_INSECURE_REGISTRY", "registry.internal:5000")
+    args = cli.build_parser().parse_args(["serve", "--insecure-registry", "127.0.0.1:5001"])
+    assert cli._app_config(args).insecure_registries == {"registry.internal:5000", "127.0.0.1:5001"}
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["serve", "--insecure-registry", "http://x"])

@@ -12,6 +12,7 @@ checked against that digest again whenever they are read. So:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
@@ -88,10 +89,15 @@ class PulledModules:
     def _write(self, digest: str, content: bytes) -> None:
         """Store verified content atomically; a cache that cannot be written costs pulls."""
         path = self._path(digest)
+        temporary: str | None = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as file:
+                temporary = file.name
                 file.write(content)
-            os.replace(file.name, path)
+            os.replace(temporary, path)
         except OSError as exc:
             log.warning("oci cache %s not written: %s", path, exc)
+            if temporary is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(temporary)
