@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 
 import pytest
 
@@ -154,4 +155,52 @@ def test_a_broken_docker_config_is_an_error_that_names_the_file_and_entry(tmp_pa
         load_docker_credentials("ghcr.io", environ)
     (tmp_path / "config.json").write_text("{")
     with pytest.raises(AuthError, match=r"config.json: cannot be read as JSON"):
+        load_docker_credentials("ghcr.io", environ)
+
+
+def install_helper(folder, monkeypatch, name: str, script: str) -> None:
+    """A `docker-credential-<name>` on PATH: a real executable, as Docker's helpers are."""
+    helper = folder / f"docker-credential-{name}"
+    helper.write_text("#!/bin/sh\nread server\n" + script)
+    helper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
+
+
+HOLDS_GHCR = """case "$server" in
+  ghcr.io) echo '{"ServerURL": "ghcr.io", "Username": "helped", "Secret": "s3"}' ;;
+  https://index.docker.io/v1/) echo '{"Username": "hub-helped", "Secret": "h"}' ;;
+  *) echo "credentials not found in native keychain"; exit 1 ;;
+esac
+"""
+
+
+def test_credential_helpers_come_first_in_dockers_order(tmp_path, monkeypatch):
+    install_helper(tmp_path, monkeypatch, "store", HOLDS_GHCR)
+    install_helper(tmp_path, monkeypatch, "never", "echo 'must not be asked' >&2; exit 3\n")
+    environ = {"DOCKER_CONFIG": str(tmp_path)}
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "credsStore": "store",
+                "credHelpers": {"quay.io": "never"},
+                "auths": {"ghcr.io": {"auth": encoded("file:f")}, "other.example": {}},
+            }
+        )
+    )
+    assert load_docker_credentials("ghcr.io", environ) == Credentials("helped", "s3")
+    assert load_docker_credentials("docker.io", environ) == Credentials("hub-helped", "h")
+    # The helper holds nothing for it: the auths entry (empty here) is used.
+    assert load_docker_credentials("other.example", environ) is None
+    with pytest.raises(AuthError, match=r"docker-credential-never failed \(3\): must not be asked"):
+        load_docker_credentials("quay.io", environ)
+
+
+def test_a_missing_or_garbled_helper_is_an_error_that_names_it(tmp_path, monkeypatch):
+    environ = {"DOCKER_CONFIG": str(tmp_path)}
+    (tmp_path / "config.json").write_text(json.dumps({"credsStore": "absent-helper"}))
+    with pytest.raises(AuthError, match="credential helper docker-credential-absent-helper"):
+        load_docker_credentials("ghcr.io", environ)
+    install_helper(tmp_path, monkeypatch, "garbled", "echo '{\"Username\": 1}'\n")
+    (tmp_path / "config.json").write_text(json.dumps({"credsStore": "garbled"}))
+    with pytest.raises(AuthError, match="not a Username/Secret JSON object"):
         load_docker_credentials("ghcr.io", environ)

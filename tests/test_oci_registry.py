@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import threading
 from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -196,16 +197,27 @@ async def test_a_layer_over_max_module_bytes_is_refused_before_it_is_read(
     assert f"is {len(big)} bytes, over max_module_bytes (1024)" in load_error(running, "acme")
 
 
+@pytest.mark.parametrize("source", ["auths", "credsStore"])
 async def test_basic_auth_with_docker_config_credentials(
-    workspace, start_supervisor, tmp_path, monkeypatch
+    workspace, start_supervisor, tmp_path, monkeypatch, source
 ):
     htpasswd = bcrypt_htpasswd_line("alice", "s3cret")
     with run_registry(tmp_path / "registry", htpasswd=htpasswd) as registry:
         reference = registry.reference("mods/private")
         docker = tmp_path / "docker"
         docker.mkdir()
-        auth = {"auths": {registry.host: {"auth": "YWxpY2U6czNjcmV0"}}}  # alice:s3cret
-        (docker / "config.json").write_text(json.dumps(auth))
+        if source == "auths":
+            config = {"auths": {registry.host: {"auth": "YWxpY2U6czNjcmV0"}}}  # alice:s3cret
+        else:  # a credential helper, a real executable on PATH, as Docker runs it
+            helper = docker / "docker-credential-oci-tests"
+            answer = json.dumps({"Username": "alice", "Secret": "s3cret"})
+            helper.write_text(
+                f"#!/bin/sh\nread server\n[ \"$server\" = {registry.host} ] && echo '{answer}'\n"
+            )
+            helper.chmod(0o755)
+            monkeypatch.setenv("PATH", f"{docker}{os.pathsep}{os.environ['PATH']}")
+            config = {"credsStore": "oci-tests"}
+        (docker / "config.json").write_text(json.dumps(config))
         environ = {"DOCKER_CONFIG": str(docker)}
         with client_for(registry.host, environ=environ) as client:
             push(client, reference, greeter_wasm("private"))

@@ -1,8 +1,11 @@
 """Registry credentials and the registry token flow, as an httpx auth.
 
 Credentials come from Docker's `config.json` ($DOCKER_CONFIG/config.json, else
-~/.docker/config.json): `auths.<registry>.auth` (base64 of `user:password`) or its `username`
-and `password`. A registry answers 401 with the scheme it wants:
+~/.docker/config.json), in Docker's order: the credential helper `credHelpers.<registry>`
+names, else the `credsStore` helper (`docker-credential-<name> get`, the registry on stdin,
+JSON with `Username` and `Secret` on stdout), else `auths.<registry>.auth` (base64 of
+`user:password`) or its `username` and `password`. A registry answers 401 with the scheme it
+wants:
 
 - `Basic`: the request is sent again with the credentials;
 - `Bearer realm=...,service=...,scope=...` (the distribution token spec): the realm is asked
@@ -20,6 +23,7 @@ import binascii
 import json
 import os
 import re
+import subprocess
 from collections.abc import Generator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +33,12 @@ import httpx
 __all__ = ["AuthError", "Credentials", "RegistryAuth", "load_docker_credentials"]
 
 DOCKER_HUB_KEYS = ("https://index.docker.io/v1/", "index.docker.io", "registry-1.docker.io")
-"""The keys `docker login` writes for Docker Hub."""
+"""The keys `docker login` writes for Docker Hub (the first is what helpers are asked for)."""
+HELPER_PREFIX = "docker-credential-"
+HELPER_TIMEOUT_S = 30.0
+"""A helper may ask a keychain or a cloud API; one that hangs must not hang a reload."""
+HELPER_NOT_FOUND = "credentials not found"
+"""What docker-credential-helpers print (exit 1) for a registry they hold nothing for."""
 MAX_TOKEN_RESPONSE_BYTES = 1024 * 1024
 """A token answer is a small JSON object; anything bigger is not one."""
 
@@ -58,9 +67,10 @@ def docker_config_path(environ: Mapping[str, str] = os.environ) -> Path:
 def load_docker_credentials(
     registry: str, environ: Mapping[str, str] = os.environ
 ) -> Credentials | None:
-    """The `auths` entry of Docker's config.json for `registry` (host[:port]), or None.
+    """The credentials Docker's config.json gives `registry` (host[:port]), or None.
 
-    Raises AuthError for a config file that exists but cannot be read, naming the file.
+    Raises AuthError for a config file that exists but cannot be read, naming the file, or a
+    credential helper that fails.
     """
     path = docker_config_path(environ)
     try:
@@ -69,7 +79,17 @@ def load_docker_credentials(
         return None
     except (OSError, ValueError) as exc:
         raise AuthError(f"{path}: cannot be read as JSON: {exc}") from exc
-    auths = document.get("auths") if isinstance(document, dict) else None
+    if not isinstance(document, dict):
+        return None
+    helpers = document.get("credHelpers")
+    helper = helpers.get(registry) if isinstance(helpers, dict) else None
+    helper = helper or document.get("credsStore")
+    if isinstance(helper, str) and helper:
+        server = DOCKER_HUB_KEYS[0] if registry == "docker.io" else registry
+        found = _helper_credentials(helper, server)
+        if found is not None:
+            return found
+    auths = document.get("auths")
     if not isinstance(auths, dict):
         return None
     keys = [registry, f"https://{registry}", f"http://{registry}"]
@@ -80,6 +100,37 @@ def load_docker_credentials(
         if isinstance(entry, dict):
             return _entry_credentials(entry, f"{path}: auths.{key}")
     return None
+
+
+def _helper_credentials(helper: str, server: str) -> Credentials | None:
+    """Ask `docker-credential-<helper> get` for `server`; None if it holds nothing for it."""
+    command = HELPER_PREFIX + helper
+    try:
+        done = subprocess.run(
+            [command, "get"],
+            input=server.encode(),
+            capture_output=True,
+            timeout=HELPER_TIMEOUT_S,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise AuthError(f"credential helper {command}: {exc}") from exc
+    if done.returncode != 0:
+        if HELPER_NOT_FOUND in done.stdout.decode(errors="replace").lower():
+            return None
+        said = (done.stderr or done.stdout).decode(errors="replace").strip()[:200]
+        raise AuthError(f"credential helper {command} failed ({done.returncode}): {said}")
+    try:
+        answer = json.loads(done.stdout)
+    except ValueError:
+        answer = None
+    if not (
+        isinstance(answer, dict)
+        and isinstance(answer.get("Username"), str)
+        and isinstance(answer.get("Secret"), str)
+    ):
+        raise AuthError(f"credential helper {command}: not a Username/Secret JSON object")
+    return Credentials(answer["Username"], answer["Secret"])
 
 
 def _entry_credentials(entry: Mapping, where: str) -> Credentials | None:
