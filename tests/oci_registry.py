@@ -4,13 +4,11 @@
 `make test` into .cache/docker-registry) on a free 127.0.0.1 port with a temporary root, and
 stops it afterwards. `push` writes a module in one of the layouts the client reads, with the
 project's own `RegistryClient` (its auth and URLs): wasm-supervisor has no push command, so the
-push lives here, next to the tests that need it. `TokenFront` puts the registry token flow in
-front of the real registry (see its docstring for why).
+push lives here, next to the tests that need it. The token flow's issuer is oci_token_issuer.py.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import ctypes
 import hashlib
@@ -20,11 +18,9 @@ import secrets
 import shutil
 import socket
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -133,13 +129,15 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def run_registry(folder: Path, *, htpasswd: str | None = None) -> Iterator[Registry]:
-    """docker-registry on 127.0.0.1, storing under `folder`; `htpasswd`: basic auth lines."""
+def run_registry(
+    folder: Path, *, htpasswd: str | None = None, auth: str = ""
+) -> Iterator[Registry]:
+    """docker-registry on 127.0.0.1, storing under `folder`; `htpasswd`: basic auth lines;
+    `auth`: another `auth:` section (TokenIssuer.registry_auth)."""
     binary = registry_binary()
     folder.mkdir(parents=True, exist_ok=True)
     port = free_port()
     root = folder / "storage"
-    auth = ""
     if htpasswd is not None:
         (folder / "htpasswd").write_text(htpasswd + "\n")
         auth = f"auth:\n  htpasswd:\n    realm: oci-tests\n    path: {folder / 'htpasswd'}\n"
@@ -234,99 +232,3 @@ def _upload_blob(
     )
     assert done.status_code == 201, done.text
     return {"mediaType": media_type, "digest": digest, "size": len(content)}
-
-
-class TokenFront:
-    """The registry token flow in front of a real registry, on its own 127.0.0.1 port.
-
-    distribution's own `auth: token:` verifies JWTs against a certificate bundle; this front
-    plays the token server and the registry's gate instead: /v2/ requests without a valid
-    bearer token get `401 WWW-Authenticate: Bearer realm=...,service=...,scope=...`; /token
-    (the realm) checks basic credentials and hands out a token; requests with the token are
-    passed to the real registry behind it. Every request is recorded for the test to read.
-    """
-
-    SERVICE = "oci-tests"
-
-    def __init__(self, backend: str, username: str, password: str) -> None:
-        self.backend = backend
-        self.credentials = base64.b64encode(f"{username}:{password}".encode()).decode()
-        self.token = secrets.token_urlsafe(16)
-        self.log: list[tuple[str, str, str]] = []  # (method, path, authorization scheme)
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.host = f"127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    def __enter__(self) -> TokenFront:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join()
-
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        front = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                self._serve()
-
-            def do_HEAD(self) -> None:
-                self._serve()
-
-            def do_POST(self) -> None:
-                self._serve()
-
-            def do_PUT(self) -> None:
-                self._serve()
-
-            def _serve(self) -> None:
-                authorization = self.headers.get("authorization", "")
-                front.log.append((self.command, self.path, authorization.partition(" ")[0]))
-                if self.path.startswith("/token"):
-                    if authorization != f"Basic {front.credentials}":
-                        return self._answer(401, b"{}", {"www-authenticate": 'Basic realm="t"'})
-                    body = json.dumps({"token": front.token}).encode()
-                    return self._answer(200, body, {"content-type": "application/json"})
-                if authorization != f"Bearer {front.token}":
-                    repository = self.path.removeprefix("/v2/").split("/manifests/")[0]
-                    repository = repository.split("/blobs/")[0]
-                    challenge = (
-                        f'Bearer realm="http://{front.host}/token",service="{front.SERVICE}",'
-                        f'scope="repository:{repository}:pull,push"'
-                    )
-                    return self._answer(401, b"{}", {"www-authenticate": challenge})
-                length = int(self.headers.get("content-length") or 0)
-                headers = {
-                    key: value
-                    for key, value in self.headers.items()
-                    if key.lower() in ("accept", "content-type")
-                }
-                upstream = httpx.request(
-                    self.command,
-                    f"http://{front.backend}{self.path}",
-                    content=self.rfile.read(length) if length else None,
-                    headers=headers,
-                )
-                passed = {
-                    key: value.replace(front.backend, front.host)
-                    for key, value in upstream.headers.items()
-                    if key.lower() in ("content-type", "location", "docker-content-digest")
-                }
-                self._answer(upstream.status_code, upstream.content, passed)
-
-            def _answer(self, status: int, body: bytes, headers: dict[str, str]) -> None:
-                self.send_response(status)
-                for key, value in headers.items():
-                    self.send_header(key, value)
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(body)
-
-        return Handler

@@ -6,10 +6,17 @@ import base64
 import json
 import os
 
+import httpx
 import pytest
 
 from supervisor.oci import InvalidReference, Reference, check_registry_host, parse_reference
-from supervisor.oci.auth import AuthError, Credentials, load_docker_credentials, parse_challenge
+from supervisor.oci.auth import (
+    AuthError,
+    Credentials,
+    RegistryAuth,
+    load_docker_credentials,
+    parse_challenge,
+)
 
 DIGEST = "sha256:" + "ab" * 32
 
@@ -204,3 +211,16 @@ def test_a_missing_or_garbled_helper_is_an_error_that_names_it(tmp_path, monkeyp
     (tmp_path / "config.json").write_text(json.dumps({"credsStore": "garbled"}))
     with pytest.raises(AuthError, match="not a Username/Secret JSON object"):
         load_docker_credentials("ghcr.io", environ)
+
+
+def test_credentials_never_go_to_a_plain_http_realm_of_an_https_registry():
+    """A registry's 401 names the realm; over https, a `http://` realm would get the password
+    in clear, so it is refused before any request (driven through httpx's auth-flow protocol)."""
+    with httpx.Client() as token_client:
+        auth = RegistryAuth(Credentials("u", "p"), token_client, plain_http=False)
+        request = httpx.Request("GET", "https://registry.example/v2/a/manifests/v1")
+        flow = auth.auth_flow(request)
+        next(flow)
+        challenge = {"www-authenticate": 'Bearer realm="http://realm.example/token"'}
+        with pytest.raises(AuthError, match=r"realm 'http://realm\.example/token' is not an https"):
+            flow.send(httpx.Response(401, headers=challenge, request=request))
