@@ -51,6 +51,8 @@ CONNECT_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 60.0
 """Between two reads of a response, not for the whole blob."""
 CHUNK_BYTES = 256 * 1024
+ERROR_BODY_BYTES = 64 * 1024
+"""A registry's error document (`{"errors": [...]}`) is a few hundred bytes."""
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
@@ -191,7 +193,6 @@ class RegistryClient:
                 "GET", url, headers=headers, auth=self._auth_for(reference)
             ) as response:
                 if response.status_code != 200:
-                    response.read()
                     raise PullError(f"{reference}: {what}: {_refusal(response)}")
                 declared = response.headers.get("content-length")
                 if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -275,10 +276,16 @@ def _is_descriptor(layer: object) -> bool:
 
 
 def _refusal(response: httpx.Response) -> str:
-    """`404 MANIFEST_UNKNOWN: manifest unknown`, from the registry's error document if any."""
+    """`404 MANIFEST_UNKNOWN: manifest unknown`, from the registry's error document if any
+    (its first ERROR_BODY_BYTES: a refusal is read, but not without bound)."""
     text = f"{response.status_code} {response.reason_phrase}"
+    body = b""
+    for chunk in response.iter_bytes(ERROR_BODY_BYTES):
+        body += chunk
+        if len(body) >= ERROR_BODY_BYTES:
+            break
     try:
-        errors = response.json().get("errors") or []
+        errors = json.loads(body).get("errors") or []
         first = errors[0]
         text = f"{response.status_code} {first.get('code')}: {first.get('message')}"
     except (ValueError, AttributeError, IndexError, TypeError):
