@@ -284,14 +284,19 @@ async def test_upload_pulls_an_oci_reference_on_the_client_and_uploads_its_bytes
 
 
 class OversizeManifest(BaseHTTPRequestHandler):
-    """A registry that answers every manifest with 5 MiB of JSON, declared or chunked."""
+    """A registry that answers every manifest with 5 MiB of JSON, declared or chunked; or,
+    for repository `refusal`, a 404 whose body goes on for REFUSAL_SIZE (bytes sent counted)."""
 
     SIZE = 5 * 1024 * 1024
+    REFUSAL_SIZE = 256 * 1024 * 1024
+    refusal_bytes_sent = 0
 
     def log_message(self, *args: object) -> None:
         pass
 
     def do_GET(self) -> None:
+        if "/refusal/" in self.path:
+            return self._endless_refusal()
         chunked = "chunked" in self.path
         self.send_response(200)
         self.send_header("content-type", "application/vnd.oci.image.manifest.v1+json")
@@ -306,6 +311,16 @@ class OversizeManifest(BaseHTTPRequestHandler):
                 self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
             if chunked:
                 self.wfile.write(b"0\r\n\r\n")
+
+    def _endless_refusal(self) -> None:
+        self.send_response(404)
+        self.send_header("content-length", str(self.REFUSAL_SIZE))
+        self.end_headers()
+        piece = b'{"errors": [' + b" " * 65524
+        with contextlib.suppress(OSError):
+            for _ in range(self.REFUSAL_SIZE // len(piece)):
+                self.wfile.write(piece)
+                type(self).refusal_bytes_sent += len(piece)
 
 
 @pytest.mark.parametrize("repository", ["declared", "chunked"])
@@ -328,6 +343,22 @@ def test_a_manifest_over_4_mib_is_refused_while_it_streams(repository):
         else f"is over {limit} bytes"
     )
     assert f"manifest {expected}" in str(raised.value)
+
+
+def test_a_refusal_is_read_only_as_far_as_its_error_code_needs():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), OversizeManifest)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    host = f"127.0.0.1:{server.server_address[1]}"
+    try:
+        with client_for(host) as client, pytest.raises(PullError, match="manifest: 404 Not Found"):
+            client.pull_module(f"oci:{host}/refusal:v1", max_bytes=1 << 20)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+    # What the socket buffers took before the client hung up, not the 256 MiB offered.
+    assert OversizeManifest.refusal_bytes_sent < 32 * 1024 * 1024
 
 
 def test_insecure_registry_flags_reach_the_app_config(monkeypatch):
