@@ -82,6 +82,16 @@ async def test_a_tag_in_modules_toml_is_pulled_and_served_in_each_layout(
     assert f"{reference} resolved to {digest}" in caplog.text
 
 
+async def test_wagis_url_form_with_the_registry_first(workspace, start_supervisor, registry):
+    with client_for(registry.host) as client:
+        push(client, registry.reference("greeter", "1.0.0"), greeter_wasm("url form"), "wagi")
+    serve_module(workspace, "acme", f"oci://{registry.host}/greeter:1.0.0")
+
+    running = await start(start_supervisor, registry.host)
+
+    assert (await running.client.get("/acme/hello")).text == "url form\n"
+
+
 async def test_a_registry_not_named_insecure_is_spoken_to_over_https(
     workspace, start_supervisor, registry
 ):
