@@ -20,7 +20,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import httpx
@@ -37,6 +37,7 @@ BCRYPT_COST = 5
 """htpasswd's lowest cost the registry accepts; tests need speed, not a strong hash."""
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 LAYOUTS = {
     # the CNCF wasm artifact (wkg, wash): one application/wasm layer
     "cncf": ("application/vnd.wasm.config.v0+json", ["application/wasm"]),
@@ -232,3 +233,31 @@ def _upload_blob(
     )
     assert done.status_code == 201, done.text
     return {"mediaType": media_type, "digest": digest, "size": len(content)}
+
+
+def push_index(
+    client: RegistryClient, reference: Reference, platforms: dict[str, dict[str, str]]
+) -> str:
+    """Push an OCI image index under `reference`'s tag whose entries are the manifests
+    `platforms` maps (digest -> platform), all in the same repository; the index's digest."""
+    entries = []
+    for digest, platform in platforms.items():
+        manifest = client.manifest(replace(reference, digest=digest))
+        entries.append(
+            {
+                "mediaType": OCI_MANIFEST,
+                "digest": digest,
+                "size": len(manifest.raw),
+                "platform": platform,
+            }
+        )
+    index = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries}).encode()
+    response = client.request(
+        "PUT",
+        reference,
+        f"manifests/{reference.tag}",
+        content=index,
+        headers={"content-type": OCI_INDEX},
+    )
+    assert response.status_code == 201, response.text
+    return "sha256:" + hashlib.sha256(index).hexdigest()

@@ -23,6 +23,7 @@ from oci_registry import (
     bcrypt_htpasswd_line,
     greeter_wasm,
     push,
+    push_index,
     run_registry,
 )
 from oci_token_issuer import TokenIssuer
@@ -90,6 +91,48 @@ async def test_wagis_url_form_with_the_registry_first(workspace, start_superviso
     running = await start(start_supervisor, registry.host)
 
     assert (await running.client.get("/acme/hello")).text == "url form\n"
+
+
+async def test_an_image_index_serves_its_wasm_entry_and_pins_the_index(
+    workspace, start_supervisor, registry, caplog
+):
+    with client_for(registry.host) as client:
+        wasm = push(client, registry.reference("mods/multi", "wasm"), greeter_wasm("from wasm"))
+        other = push(client, registry.reference("mods/multi", "other"), greeter_wasm("other"))
+        reference = registry.reference("mods/multi", "v1")
+        index = push_index(
+            client,
+            reference,
+            {
+                other: {"architecture": "amd64", "os": "linux"},
+                wasm: {"architecture": "wasm", "os": "wasip1"},
+            },
+        )
+        ambiguous = registry.reference("mods/multi", "two")
+        push_index(
+            client,
+            ambiguous,
+            {
+                other: {"os": "wasi", "architecture": "wasm"},
+                wasm: {"os": "wasip1", "architecture": "wasm"},
+            },
+        )
+    workspace.add_tenant("acme")
+    (workspace.tenants / "acme" / "modules.toml").write_text(
+        f'[[module]]\nroute = "/hello"\nmodule = "{reference}"\n\n'
+        f'[[module]]\nroute = "/pinned"\nmodule = "oci:{registry.host}/mods/multi@{index}"\n'
+    )
+    serve_module(workspace, "other", str(ambiguous))
+    caplog.set_level(logging.INFO, logger="supervisor.oci")
+
+    running = await start(start_supervisor, registry.host)
+
+    assert (await running.client.get("/acme/hello")).text == "from wasm\n"
+    assert (await running.client.get("/acme/pinned")).text == "from wasm\n"
+    assert f"{reference} resolved to {index}" in caplog.text
+    assert "an image index of 2 manifests, 2 of them for wasm; name one manifest by digest" in (
+        load_error(running, "other")
+    )
 
 
 async def test_a_registry_not_named_insecure_is_spoken_to_over_https(

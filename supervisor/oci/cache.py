@@ -19,7 +19,14 @@ import tempfile
 from collections.abc import Collection
 from pathlib import Path
 
-from .client import PulledModule, PullError, RegistryClient, parse_manifest, sha256_digest
+from .client import (
+    Manifest,
+    PulledModule,
+    PullError,
+    RegistryClient,
+    parse_manifest,
+    sha256_digest,
+)
 from .reference import InvalidReference, Reference, parse_reference
 
 __all__ = ["PulledModules"]
@@ -45,31 +52,33 @@ class PulledModules:
             if pulled is not None:
                 return pulled
         with RegistryClient(insecure_registries=self.insecure_registries) as client:
-            manifest = client.manifest(reference)
-            layer = manifest.wasm_layer(reference)
+            named, image = client.resolve(reference)
+            layer = image.wasm_layer(reference)
             content = self._read(layer["digest"])
             if content is None or len(content) > max_bytes:
                 content = client.blob(reference, layer, max_bytes=max_bytes)
                 self._write(layer["digest"], content)
-        self._write(manifest.digest, manifest.raw)
+        for manifest in {named.digest: named, image.digest: image}.values():
+            self._write(manifest.digest, manifest.raw)
         if reference.digest is None:
-            log.info("%s resolved to %s (layer %s)", reference, manifest.digest, layer["digest"])
-        return PulledModule(
-            reference, manifest.digest, layer["digest"], layer["mediaType"], content
-        )
+            log.info("%s resolved to %s (layer %s)", reference, named.digest, layer["digest"])
+        return PulledModule(reference, named.digest, layer["digest"], layer["mediaType"], content)
 
     def _from_disk(self, reference: Reference, max_bytes: int) -> PulledModule | None:
-        raw = self._read(reference.digest)
-        if raw is None:
+        named = image = self._manifest_from_disk(reference)
+        if named is not None and named.is_index:
+            image = self._manifest_from_disk(named.wasm_entry(reference))
+        if image is None or image.is_index:
             return None
-        manifest = parse_manifest(reference, raw)
-        layer = manifest.wasm_layer(reference)
+        layer = image.wasm_layer(reference)
         content = self._read(layer["digest"])
         if content is None or len(content) > max_bytes:
             return None
-        return PulledModule(
-            reference, manifest.digest, layer["digest"], layer["mediaType"], content
-        )
+        return PulledModule(reference, named.digest, layer["digest"], layer["mediaType"], content)
+
+    def _manifest_from_disk(self, reference: Reference) -> Manifest | None:
+        raw = self._read(reference.digest)
+        return None if raw is None else parse_manifest(reference, raw)
 
     def _path(self, digest: str) -> Path:
         algorithm, _, hex_digest = digest.partition(":")

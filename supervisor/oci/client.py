@@ -13,6 +13,10 @@ A manifest may carry the module in any of these layouts; exactly one wasm layer 
 - a Spin app of one component: an image manifest whose one wasm layer has that same type
   (its locked-app config and data layers are other types, and are not read).
 
+A tag may also name an image index (several platforms, as runwasi images are): its one entry
+for wasm (`architecture: wasm`, or `os: wasi`/`wasip1`/`wasip2`) is pulled by digest, or its
+only entry if it has just one. The reference is pinned to the index's digest.
+
 Every byte is verified: a manifest pulled by digest must hash to it, a blob must hash to its
 descriptor's digest and have its size. Sizes are bounded before and while reading.
 """
@@ -24,7 +28,7 @@ import json
 import os
 import re
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import httpx
@@ -65,6 +69,7 @@ WASM_CONFIG = "application/vnd.wasm.config.v0+json"
 CNCF_WASM_LAYER = "application/wasm"
 WAGI_WASM_LAYER = "application/vnd.wasm.content.layer.v1+wasm"
 WASM_LAYER_TYPES = frozenset({CNCF_WASM_LAYER, WAGI_WASM_LAYER})
+WASM_OS = frozenset({"wasi", "wasip1", "wasip2"})
 DIGEST = re.compile(r"sha256:[a-f0-9]{64}")
 """The only digest read: a layer's digest goes into a URL and a file name, so it is checked."""
 
@@ -79,9 +84,29 @@ class Manifest:
     raw: bytes  # as the registry sent it: what the digest is of
     document: dict[str, Any]
 
+    @property
+    def is_index(self) -> bool:
+        return self.document.get("mediaType") in INDEX_TYPES
+
     def wasm_layer(self, reference: Reference) -> dict[str, Any]:
         """The descriptor of the one wasm layer; PullError if there is none or several."""
         return _wasm_layer(reference, self.document)
+
+    def wasm_entry(self, reference: Reference) -> Reference:
+        """An index's manifest for wasm, as a reference by digest; PullError if it has none
+        or several (and more than one entry)."""
+        entries = self.document.get("manifests")
+        if not isinstance(entries, list) or not all(_is_descriptor(entry) for entry in entries):
+            raise PullError(f"{reference}: the index's manifests are not a list of descriptors")
+        wasm = [entry for entry in entries if _is_wasm_platform(entry.get("platform"))]
+        if len(wasm) != 1 and len(entries) == 1:
+            wasm = entries
+        if len(wasm) != 1:
+            raise PullError(
+                f"{reference}: an image index of {len(entries)} manifests, {len(wasm)} of them"
+                " for wasm; name one manifest by digest"
+            )
+        return replace(reference, digest=wasm[0]["digest"])
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,12 +172,21 @@ class RegistryClient:
                 reference = parse_reference(reference)
             except InvalidReference as exc:
                 raise PullError(str(exc)) from exc
-        manifest = self.manifest(reference)
-        layer = manifest.wasm_layer(reference)
+        named, image = self.resolve(reference)
+        layer = image.wasm_layer(reference)
         content = self.blob(reference, layer, max_bytes=max_bytes)
-        return PulledModule(
-            reference, manifest.digest, layer["digest"], layer["mediaType"], content
-        )
+        return PulledModule(reference, named.digest, layer["digest"], layer["mediaType"], content)
+
+    def resolve(self, reference: Reference) -> tuple[Manifest, Manifest]:
+        """(the manifest `reference` names now, the image manifest that holds the module):
+        the same one, or an index and its wasm entry (pulled by digest)."""
+        named = self.manifest(reference)
+        if not named.is_index:
+            return named, named
+        image = self.manifest(named.wasm_entry(reference))
+        if image.is_index:
+            raise PullError(f"{reference}: an index inside an index is not read")
+        return named, image
 
     def manifest(self, reference: Reference) -> Manifest:
         """The manifest `reference` names now (a tag's may change between two calls)."""
@@ -229,11 +263,7 @@ def parse_manifest(reference: Reference, raw: bytes) -> Manifest:
     if not isinstance(document, dict):
         raise PullError(f"{reference}: the manifest is not a JSON object")
     media_type = document.get("mediaType", OCI_MANIFEST)
-    if media_type in INDEX_TYPES:
-        raise PullError(
-            f"{reference}: an image index (several platforms); name one manifest by digest"
-        )
-    if media_type not in MANIFEST_TYPES:
+    if media_type not in MANIFEST_TYPES + INDEX_TYPES:
         raise PullError(f"{reference}: manifest media type {media_type!r} is not supported")
     return Manifest(digest, raw, document)
 
@@ -262,6 +292,12 @@ def _wasm_layer(reference: Reference, manifest: Mapping[str, Any]) -> dict[str, 
             " module (a Spin app of several components is not one module)"
         )
     return wasm[0]
+
+
+def _is_wasm_platform(platform: object) -> bool:
+    return isinstance(platform, dict) and (
+        platform.get("architecture") == "wasm" or platform.get("os") in WASM_OS
+    )
 
 
 def _is_descriptor(layer: object) -> bool:
