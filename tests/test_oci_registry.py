@@ -189,6 +189,48 @@ async def test_a_digest_reference_is_served_from_the_disk_cache_once_pulled(
     assert (await restarted.client.get("/acme/hello")).text == "pinned\n"
 
 
+async def test_an_unreachable_registry_keeps_the_digest_a_tag_last_resolved_to(
+    workspace, start_supervisor, tmp_path, caplog
+):
+    with run_registry(tmp_path / "short-lived") as registry:
+        reference = registry.reference("mods/greeter", "stable")
+        with client_for(registry.host) as client:
+            digest = push(client, reference, greeter_wasm("kept"))
+        serve_module(workspace, "acme", str(reference))
+        running = await start(start_supervisor, registry.host)
+        assert (await running.client.get("/acme/hello")).text == "kept\n"
+    caplog.set_level(logging.WARNING, logger="supervisor.oci")
+
+    # No answer at all (not a refusal): the reload and a restart keep the last digest.
+    assert "acme" not in (await reload(running)).errors
+    assert f"{reference}: registry unreachable; serving {digest}" in caplog.text
+    restarted = await start(start_supervisor, registry.host)
+    assert (await restarted.client.get("/acme/hello")).text == "kept\n"
+
+
+async def test_a_refusal_is_not_masked_by_the_digest_last_resolved_to(
+    workspace, start_supervisor, tmp_path, monkeypatch
+):
+    docker = tmp_path / "docker"
+    docker.mkdir()
+    htpasswd = bcrypt_htpasswd_line("alice", "s3cret")
+    with run_registry(tmp_path / "registry", htpasswd=htpasswd) as registry:
+        auth = {"auths": {registry.host: {"username": "alice", "password": "s3cret"}}}
+        (docker / "config.json").write_text(json.dumps(auth))
+        monkeypatch.setenv("DOCKER_CONFIG", str(docker))
+        reference = registry.reference("mods/greeter", "stable")
+        with client_for(registry.host) as client:
+            push(client, reference, greeter_wasm("hello"))
+        serve_module(workspace, "acme", str(reference))
+        running = await start(start_supervisor, registry.host)
+        assert (await running.client.get("/acme/hello")).text == "hello\n"
+
+        (docker / "config.json").write_text("{}")  # the credentials are withdrawn
+        state = await reload(running)
+
+    assert "manifest: 401 UNAUTHORIZED" in state.errors["acme"]
+
+
 async def test_a_corrupted_layer_is_refused(workspace, start_supervisor, registry):
     reference = registry.reference("mods/greeter")
     wasm = greeter_wasm("hello")

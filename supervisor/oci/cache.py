@@ -8,22 +8,29 @@ checked against that digest again whenever they are read. So:
 - a reference by tag is resolved by the registry each time a tenant is (re)loaded, and pinned
   to the digest it resolved to until the next reload (WAGI caches a tag forever, so a moved
   tag is never seen). The digest is logged. The layer itself is read from disk if it is there.
+  The pin is also written down (`tags/<sha256 of the reference>`): when the registry does not
+  answer at all, a reload or a restart keeps the digest last resolved, with a warning, instead
+  of failing the tenant. A refusal (404, 401) or content that fails verification is not masked.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import tempfile
 from collections.abc import Collection
+from dataclasses import replace
 from pathlib import Path
 
 from .client import (
+    DIGEST,
     Manifest,
     PulledModule,
     PullError,
     RegistryClient,
+    RegistryUnreachable,
     parse_manifest,
     sha256_digest,
 )
@@ -32,6 +39,9 @@ from .reference import InvalidReference, Reference, parse_reference
 __all__ = ["PulledModules"]
 
 log = logging.getLogger("supervisor.oci")
+
+TAGS_DIR = "tags"
+"""Beside `sha256/`: one file per tag reference, holding the digest it last resolved to."""
 
 
 class PulledModules:
@@ -51,6 +61,23 @@ class PulledModules:
             pulled = self._from_disk(reference, max_bytes)
             if pulled is not None:
                 return pulled
+        try:
+            pulled = self._pull(reference, max_bytes)
+        except RegistryUnreachable:
+            pinned = self._pinned(text, reference, max_bytes)
+            if pinned is None:
+                raise
+            log.warning(
+                "%s: registry unreachable; serving %s, the digest it last resolved to",
+                reference,
+                pinned.manifest_digest,
+            )
+            return pinned
+        if reference.digest is None:
+            self._write_pin(text, pulled.manifest_digest)
+        return pulled
+
+    def _pull(self, reference: Reference, max_bytes: int) -> PulledModule:
         with RegistryClient(insecure_registries=self.insecure_registries) as client:
             named, image = client.resolve(reference)
             layer = image.wasm_layer(reference)
@@ -76,6 +103,25 @@ class PulledModules:
             return None
         return PulledModule(reference, named.digest, layer["digest"], layer["mediaType"], content)
 
+    def _pin_path(self, text: str) -> Path:
+        return self.directory / TAGS_DIR / hashlib.sha256(text.encode()).hexdigest()
+
+    def _pinned(self, text: str, reference: Reference, max_bytes: int) -> PulledModule | None:
+        """The module a tag reference was last resolved to, from disk, if all of it is there."""
+        if reference.digest is not None:
+            return None
+        try:
+            digest = self._pin_path(text).read_text().strip()
+        except OSError:
+            return None
+        if not DIGEST.fullmatch(digest):
+            return None
+        pulled = self._from_disk(replace(reference, digest=digest), max_bytes)
+        return None if pulled is None else replace(pulled, reference=reference)
+
+    def _write_pin(self, text: str, digest: str) -> None:
+        self._write_file(self._pin_path(text), digest.encode())
+
     def _manifest_from_disk(self, reference: Reference) -> Manifest | None:
         raw = self._read(reference.digest)
         return None if raw is None else parse_manifest(reference, raw)
@@ -97,7 +143,9 @@ class PulledModules:
 
     def _write(self, digest: str, content: bytes) -> None:
         """Store verified content atomically; a cache that cannot be written costs pulls."""
-        path = self._path(digest)
+        self._write_file(self._path(digest), content)
+
+    def _write_file(self, path: Path, content: bytes) -> None:
         temporary: str | None = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -43,6 +43,7 @@ __all__ = [
     "PullError",
     "PulledModule",
     "RegistryClient",
+    "RegistryUnreachable",
     "parse_manifest",
     "sha256_digest",
 ]
@@ -76,6 +77,11 @@ DIGEST = re.compile(r"sha256:[a-f0-9]{64}")
 
 class PullError(Exception):
     """A module that cannot be pulled; the message names the reference and what failed."""
+
+
+class RegistryUnreachable(PullError):
+    """No answer from the registry (connection, TLS or timeout): what it holds is unknown,
+    unlike a refusal or content that fails verification."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,6 +244,8 @@ class RegistryClient:
                         raise PullError(f"{reference}: {what} is over {limit} bytes")
                     chunks.append(chunk)
                 return b"".join(chunks)
+        except httpx.TransportError as exc:
+            raise RegistryUnreachable(f"{reference}: {what}: {url}: {_reason(exc)}") from exc
         except (httpx.HTTPError, AuthError) as exc:
             raise PullError(f"{reference}: {what}: {url}: {_reason(exc)}") from exc
 
