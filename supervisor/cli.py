@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
         spec["default"] = _env_default(flag, spec["default"])
         serve.add_argument(f"--{flag}", **spec)
         worker.add_argument(f"--{flag}", **spec)
-    insecure = client.insecure_registry_option(_env_default("insecure-registry", "") or "")
+    insecure = client.insecure_registry_option()
     serve.add_argument("--insecure-registry", **insecure)
     worker.add_argument("--insecure-registry", **insecure)
     worker.add_argument("--listen-fd", type=int, action="append", required=True)

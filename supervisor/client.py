@@ -42,6 +42,7 @@ API_PREFIX = "/_admin/v1"
 DEFAULT_SERVER = "http://127.0.0.1:8080"
 SERVER_ENV = "SUPERVISOR_SERVER"
 TOKEN_ENV = "SUPERVISOR_ADMIN_TOKEN"
+INSECURE_REGISTRY_ENV = "SUPERVISOR_INSECURE_REGISTRY"
 COMMANDS = frozenset({"upload", "modules"})
 
 UPLOAD_CHUNK_BYTES = 256 * 1024
@@ -237,7 +238,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         metavar="GUEST=FOLDER",
         help="read-only folder under the tenant's folder (repeatable)",
     )
-    upload.add_argument("--insecure-registry", **insecure_registry_option(""))
+    upload.add_argument("--insecure-registry", **insecure_registry_option())
     modules = commands.add_parser("modules", help="list and manage a tenant's modules")
     actions = modules.add_subparsers(dest="action", required=True)
     listing = actions.add_parser("list", parents=[connection], help="the tenant's modules")
@@ -252,13 +253,19 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         parser.add_argument("name")
 
 
-def insecure_registry_option(from_environment: str) -> dict[str, Any]:
+def insecure_registry_option() -> dict[str, Any]:
     """argparse keywords of the repeatable `--insecure-registry HOST[:PORT]` (`serve` and
-    `upload`); `from_environment`: hosts set by $SUPERVISOR_INSECURE_REGISTRY, comma-separated."""
+    `upload`), whose default is $SUPERVISOR_INSECURE_REGISTRY (comma-separated hosts; the
+    flags add to it). An invalid host there stops the command with a message naming it."""
+    hosts = [host for host in os.environ.get(INSECURE_REGISTRY_ENV, "").split(",") if host]
+    try:
+        default = [oci.check_registry_host(host) for host in hosts]
+    except oci.InvalidReference as exc:
+        raise SystemExit(f"error: ${INSECURE_REGISTRY_ENV}: {exc}") from exc
     return {
         "type": _registry_host,
         "action": "append",
-        "default": [_registry_host(host) for host in from_environment.split(",") if host],
+        "default": default,
         "metavar": "HOST[:PORT]",
         "help": "a registry spoken to over plain HTTP (repeatable); localhost:5000 and"
         " 127.0.0.1:5000 always are",

@@ -462,3 +462,6 @@ def test_insecure_registry_flags_reach_the_app_config(monkeypatch):
     assert cli._app_config(args).insecure_registries == {"registry.internal:5000", "127.0.0.1:5001"}
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["serve", "--insecure-registry", "http://x"])
+    monkeypatch.setenv("SUPERVISOR_INSECURE_REGISTRY", "ok:1,not a host")
+    with pytest.raises(SystemExit, match=r"SUPERVISOR_INSECURE_REGISTRY: 'not a host' is not a"):
+        cli.build_parser()
