@@ -472,7 +472,7 @@ class TenantRegistry:
         try:
             pulled = self.pulled_modules.fetch(reference, max_bytes=policy.max_module_bytes)
             check_module_binary(pulled.content, name=reference, memory_limit=policy.memory_bytes)
-            return self.cache.load(pulled.content, name=reference)
+            return self.cache.load(pulled.content, name=reference, limits=CompileLimits.of(policy))
         except oci.PullError as exc:
             raise ConfigError(source, "module", str(exc)) from exc
         except ModuleRejected as exc:
