@@ -165,7 +165,7 @@ class WatchedFiles:
 class _Retry:
     """When a tenant that failed to rebuild is tried again, unless its files change first."""
 
-    files: tuple[StatKey | None, ...]  # of modules.toml and manifest.json at the failure
+    files: tuple  # the stat keys of the files it was built from at the failure
     at: float  # time.monotonic()
     delay_s: float
 
@@ -248,6 +248,7 @@ class TenantRegistry:
         self._lock = threading.Lock()
         self._policy_set: policies.PolicySet | None = None
         self._policy_key: tuple = ()
+        self._policy_retry = _Retry((), 0.0, 0.0)  # when a set with errors is parsed again
 
     def build_tenant(self, name: str, manifest: store.Manifest) -> Tenant:
         """Build served tenant `name` as it would be with `manifest`, without serving it.
@@ -318,7 +319,7 @@ class TenantRegistry:
         defaults_broken = policies.DEFAULTS_FILE in policy_set.errors
         tenants: dict[str, Tenant] = {}
         watched: dict[str, WatchedFiles] = {}
-        stale: list[str] = []  # tenants kept in their last good state after an error
+        stale: list[str] = []  # tenants kept in their last good state after a failed build
         rebuilt = False
         names = set(policy_set.policies) | {
             name for name in old.tenants if f"{name}.toml" in policy_set.errors
@@ -331,7 +332,6 @@ class TenantRegistry:
                 if previous is not None:
                     tenants[name] = previous
                     watched[name] = self._watched[name]
-                    stale.append(name)
                 continue
             # A tenant is built from its policy (compared as a value; the same object while
             # the policy folder is unchanged) and its own files, nothing else.
@@ -409,10 +409,19 @@ class TenantRegistry:
 
         A poll of 1,000 unchanged tenants spent most of its ~100 ms (every second, holding
         the GIL) re-parsing policy files; listing and stat-ing the folder costs a few ms.
+        A set with errors is parsed again with backoff even when nothing changed: a read that
+        failed for a moment (no free descriptor) must not be kept until the folder changes.
         """
         key = _folder_key(str(self.policies_dir))
-        if force or self._policy_set is None or key != self._policy_key:
+        retry_due = (
+            self._policy_set is not None
+            and bool(self._policy_set.errors)
+            and time.monotonic() >= self._policy_retry.at
+        )
+        if force or self._policy_set is None or key != self._policy_key or retry_due:
             self._policy_set = policies.load_policy_dir(self.policies_dir)
+            if self._policy_set.errors:
+                self._policy_retry = _next_retry(self._policy_retry, key)
             self._policy_key = key
         return self._policy_set
 
@@ -641,12 +650,12 @@ def _guest_limits(policy: Policy) -> GuestLimits:
     )
 
 
-def _waiting(retry: _Retry | None, files: tuple[StatKey | None, ...]) -> bool:
+def _waiting(retry: _Retry | None, files: tuple) -> bool:
     """Whether a tenant that failed to rebuild from these same files must wait to retry."""
     return retry is not None and retry.files == files and time.monotonic() < retry.at
 
 
-def _next_retry(retry: _Retry | None, files: tuple[StatKey | None, ...]) -> _Retry:
+def _next_retry(retry: _Retry | None, files: tuple) -> _Retry:
     """The retry after one more failure: the delay doubles while the files stay the same."""
     delay = RETRY_FIRST_S
     if retry is not None and retry.files == files:
@@ -658,8 +667,10 @@ def _divergence(stale: list[str], watched: Mapping[str, WatchedFiles]) -> str | 
     """One line naming the tenants served from an older manifest than the one on disk.
 
     The manifest is only ever written by a commit that built it (the admin API's dry run), so
-    a worker that does not serve it has split from the workers and pods that do. A tenant kept
-    for a broken modules.toml or policy alone is an operator's error, reported as such.
+    a worker that fails to build it has split from the workers and pods that do. A tenant kept
+    for a broken policy file is left out: every worker reads the same file, so they agree,
+    and the operator's error is reported as such (one tenant's policy must not make the pod
+    unready).
     """
     behind = [
         name
