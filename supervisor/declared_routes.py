@@ -132,6 +132,11 @@ class RoutesCache:
         self._threads: dict[str, threading.Lock] = {}  # record locks don't exclude threads
         self._guard = threading.Lock()
 
+    def peek(self, sha256: str) -> Declared | None:
+        """The stored result for `sha256`, or None; never runs anything (a file written
+        atomically is read whole or not at all)."""
+        return self._read(sha256)
+
     def get(self, sha256: str, learn: Callable[[], Declared]) -> Declared:
         """The stored result for `sha256`, else `learn()`'s, then stored (under its lock)."""
         with self._locked(sha256):

@@ -25,6 +25,7 @@ Everything but `watch` blocks (file I/O, compiling): call it from a worker threa
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -68,6 +69,10 @@ WATCH_INTERVAL_S = 1.0
 """How often files are checked for changes; pods sharing a folder see uploads within this."""
 YIELD_EVERY_S = 0.0005
 """A reload offers the GIL this often: the event loop waits about this long at worst."""
+CATCH_UP_LOCK_WAIT_S = 0.05
+"""How long a request's catch-up waits for a reload already running (a poll of unchanged
+tenants takes milliseconds); past it, the request is served from the state in force and
+the running reload, or the next poll, brings the change."""
 RETRY_FIRST_S = 1.0
 RETRY_MAX_S = 32.0
 """A tenant that failed to rebuild from unchanged files is tried again after RETRY_FIRST_S,
@@ -159,6 +164,10 @@ class WatchedFiles:
 
     def unchanged(self) -> bool:
         return self.keys == _stat_keys(self.paths)
+
+
+class _Deferred(Exception):
+    """A tenant's change needs compiling or guest code: left to the background reload."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,15 +270,24 @@ class TenantRegistry:
             raise ConfigError(name, None, "not a served tenant")
         return self._load_tenant(name, tenant.policy, manifest)
 
-    def reload(self, *, force: bool = False) -> RegistryState:
-        """Rebuild every tenant whose inputs changed (all of them with `force`). Blocking."""
-        with self._lock:
-            try:
-                return self._reload(force)
-            except Exception:
-                # Nothing was rebuilt: every tenant is served as it was built.
-                self.divergence = _divergence(list(self.state.tenants), self._watched)
-                raise
+    def reload(self, *, force: bool = False, on_request_path: bool = False) -> RegistryState:
+        """Rebuild every tenant whose inputs changed (all of them with `force`). Blocking.
+
+        `on_request_path`: for a request that waits (a catch-up). It waits for a reload
+        already running only CATCH_UP_LOCK_WAIT_S, and rebuilds only the tenants that need
+        neither compiling nor guest code (an upload: artifact cached, routes stored); the
+        others keep serving their old state until the background poll has built the new one.
+        """
+        if not self._lock.acquire(timeout=CATCH_UP_LOCK_WAIT_S if on_request_path else -1):
+            return self.state
+        try:
+            return self._reload(force, on_request_path)
+        except Exception:
+            # Nothing was rebuilt: every tenant is served as it was built.
+            self.divergence = _divergence(list(self.state.tenants), self._watched)
+            raise
+        finally:
+            self._lock.release()
 
     def declare_routes(self, module: CompiledModule, policy: Policy, *, name: str) -> Declared:
         """What an uploaded module's `_routes` declares, checked against `policy` (the upload
@@ -291,13 +309,16 @@ class TenantRegistry:
         """Reload now, once for all the requests that found the registry `behind`.
 
         Loading an upload reads its stored routes and its compiled artifact: no guest code
-        runs and nothing compiles that the uploading worker did not already. A reload that
-        fails leaves the old state serving and `divergence` set; `watch` tries again.
+        runs, and what would need compiling is left to `watch` (`reload(on_request_path=
+        True)`). A reload that fails leaves the old state serving and `divergence` set;
+        `watch` tries again.
         """
         async with self._catching_up:
             if self.behind():
                 try:
-                    await trio.to_thread.run_sync(self.reload)
+                    await trio.to_thread.run_sync(
+                        functools.partial(self.reload, on_request_path=True)
+                    )
                 except Exception:
                     log.exception("catch-up reload failed; serving the last good state")
 
@@ -310,7 +331,7 @@ class TenantRegistry:
             except Exception:
                 log.exception("tenant reload failed")
 
-    def _reload(self, force: bool) -> RegistryState:
+    def _reload(self, force: bool, on_request_path: bool) -> RegistryState:
         old = self.state
         if self.changes is not None:  # before any file is read: a later change moves it again
             self._changes_seen = self.changes.value()
@@ -356,12 +377,17 @@ class TenantRegistry:
                 stale.append(name)
                 continue
             try:
-                tenant = self._load_tenant(name, policy)
+                tenant = self._load_tenant(name, policy, on_request_path=on_request_path)
                 modules = tuple(str(tenant_dir / module) for module in tenant.modules)
                 tenants[name] = tenant
                 watched[name] = WatchedFiles(files + modules, before + _stat_keys(modules))
                 self._retries.pop(name, None)
                 rebuilt = True
+            except _Deferred as exc:
+                log.info("tenant %s: %s; left to the background reload", name, exc)
+                if previous is not None:  # its old files' keys: the next poll rebuilds it
+                    tenants[name] = previous
+                    watched[name] = self._watched[name]
             except SupervisorError as exc:
                 errors[name] = exc.message
                 self._retries[name] = _next_retry(retry, before)
@@ -426,8 +452,15 @@ class TenantRegistry:
         return self._policy_set
 
     def _load_tenant(
-        self, name: str, policy: Policy, manifest: store.Manifest | None = None
+        self,
+        name: str,
+        policy: Policy,
+        manifest: store.Manifest | None = None,
+        *,
+        on_request_path: bool = False,
     ) -> Tenant:
+        """Build tenant `name`; `on_request_path` raises _Deferred rather than compile a
+        module or run its `_routes`."""
         tenant_dir = self.tenants_dir / name
         modules_file = tenant_dir / MODULES_FILE
         specs = (
@@ -454,7 +487,9 @@ class TenantRegistry:
         for owner, source, spec in entries:
             module = compiled.get(spec.module)
             if module is None:
-                module = self._compile(tenant_dir, spec.module, policy, source=source)
+                module = self._compile(
+                    tenant_dir, spec.module, policy, source=source, on_request_path=on_request_path
+                )
                 compiled[spec.module] = module
             if owner is not None and spec.module != f"{store.MODULES_DIR}/{module.sha256}.wasm":
                 raise ConfigError(source, "sha256", f"{spec.module} does not hold that content")
@@ -467,7 +502,9 @@ class TenantRegistry:
             own_routes = [Route(spec.route, target)]
             declared = spec.declared_routes
             if declared is None:
-                declared = self._routes_of(module, prepared, policy, spec.module, source)
+                declared = self._routes_of(
+                    module, prepared, policy, spec.module, source, learn=not on_request_path
+                )
             try:
                 check_route_count(
                     declared, max_routes_per_module=policy.max_routes_per_module, name=spec.module
@@ -504,7 +541,15 @@ class TenantRegistry:
             modules=MappingProxyType(compiled),
         )
 
-    def _compile(self, tenant_dir: Path, relative: str, policy: Policy, *, source: str):
+    def _compile(
+        self,
+        tenant_dir: Path,
+        relative: str,
+        policy: Policy,
+        *,
+        source: str,
+        on_request_path: bool = False,
+    ):
         path = (tenant_dir / relative).resolve()
         if not path.is_relative_to(tenant_dir.resolve()):
             raise ConfigError(source, "module", "must be a file inside the tenant's folder")
@@ -523,6 +568,8 @@ class TenantRegistry:
             if cached is not None:
                 self._file_digests[key] = cached
                 return cached
+        if on_request_path:  # reading, hashing, maybe compiling: the poll's work
+            raise _Deferred(f"{relative} is not loaded yet")
         try:
             raw = path.read_bytes()
         except OSError as exc:
@@ -557,9 +604,17 @@ class TenantRegistry:
         policy: Policy,
         name: str,
         source: str,
+        *,
+        learn: bool,
     ) -> store.DeclaredRoutes:
         """The routes a module not uploaded through the admin API declares: from memory, else
-        the routes cache, else its `_routes` run once for the whole pod and stored."""
+        the routes cache, else (when `learn`; raises _Deferred if not) its `_routes` run once
+        for the whole pod and stored."""
+        if not learn and module.sha256 not in self._routes_output:
+            declared = self.routes_cache.peek(module.sha256)
+            if declared is None:
+                raise _Deferred(f"the routes of {name} are not known yet")
+            self._routes_output[module.sha256] = declared
         try:
             return self._learn_routes(module, prepared, policy, name).routes
         except RoutesRefused as exc:

@@ -8,6 +8,7 @@ Servers are real: in this process (`start_supervisor`) for the bounds, `serve --
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import signal
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import trio
+import wasmtime
 from conftest import GUESTS
 from test_admin import (
     OPERATOR_TOKEN,
@@ -29,6 +31,9 @@ from test_admin_multipod import connection_per_worker
 from test_lifecycle import serve_process
 from test_workers import TWO_WORKERS, worker_of, worker_pids
 
+from supervisor import store
+from supervisor.declared_routes import CACHE_SUFFIX
+
 HOSTILE_GUESTS = Path(__file__).resolve().parent / "guests"
 WAIT_S = 20.0
 """Bound on a state a test waits for (a worker restarted, a retry converged)."""
@@ -39,6 +44,8 @@ STALL_BOUND_S = 1.0
 """A request of another tenant on the other worker answers well within this (a hello takes
 milliseconds); a worker that ran the sleeping `_routes` on its request path took 2 s."""
 ADMIN_ENV = {"SUPERVISOR_ADMIN_TOKEN": OPERATOR_TOKEN}
+BIG_FUNCTIONS = 1500
+"""Functions of a module that takes 1-2 s to compile here (1,500 of greeter's: ~860 KB)."""
 
 
 def guest(name: str) -> bytes:
@@ -185,6 +192,73 @@ async def test_a_sleeping_routes_does_not_stall_another_tenants_requests_on_the_
         assert (await other.get("/acme/s/a")).text == "sleepy a\n"
         assert max(durations) < STALL_BOUND_S, sorted(durations)[-5:]
         assert worker_of(await uploader.get("/healthz")) != worker_of(await other.get("/healthz"))
+
+
+async def test_a_catch_up_that_would_compile_leaves_it_to_the_background_reload(workspace):
+    """The other worker's artifact of an upload is gone (evicted, or never written): catching
+    up would compile it (~2 s) on a request of any tenant. The request is served from the
+    state in force at once, and the poll compiles the upload in the background."""
+    workspace.add_tenant("quiet", {"/hello": "hello.wat"})
+    admin_tenant(workspace, "acme")
+    async with (
+        serve_process(workspace, extra=TWO_WORKERS, env=ADMIN_ENV) as server,
+        connection_per_worker(server.url, workers=2) as (uploader, other),
+    ):
+        big = greeter("big", functions=BIG_FUNCTIONS)
+        response = await upload(uploader, "acme", "big", big, route="/big")
+        assert response.status_code == 201, response.text
+        for artifact in workspace.cache.glob(f"*/{response.json()['sha256']}.*"):
+            artifact.unlink()
+        started = time.perf_counter()
+        quiet = await other.get("/quiet/hello")  # the first request after the commit
+        assert time.perf_counter() - started < STALL_BOUND_S
+        assert quiet.status_code == 200
+
+        async def served() -> bool:
+            return (await other.get("/acme/big")).text == "big\n"
+
+        await wait_until(served)
+        assert "acme: modules/" in server.log() and "left to the background reload" in server.log()
+
+
+async def test_a_format_1_manifest_is_served_its_routes_learned_once_and_cached(
+    workspace, start_supervisor
+):
+    """What the previous revision wrote (no `declared_routes`): its module's `_routes` runs
+    once, into the pod's routes cache; a second server on the same folders reads it there,
+    and the next write keeps the entry and writes format 2."""
+    folder = admin_tenant(workspace, "acme")
+    binary = wasmtime.wat2wasm((GUESTS / "routes.wat").read_text())
+    digest = store.store_module(folder, binary)
+    entry = {
+        "sha256": digest,
+        "size": len(binary),
+        "route": "/r",
+        "entrypoint": "_start",
+        "argv": None,
+        "volumes": {},
+        "uploaded_at": "2026-12-01T00:00:00.000Z",
+        "compile_s": 0.1,
+        "previous": None,
+    }
+    document = {"format": 1, "modules": {"r": entry}, "deleted": {}}
+    (folder / store.MANIFEST_FILE).write_text(json.dumps(document))
+
+    first = await start_admin(start_supervisor)
+    assert (await first.client.get("/acme/r/a")).text == "from alt_a\n"
+    (cached,) = workspace.cache.glob(f"*/{digest}{CACHE_SUFFIX}")
+    learned = cached.stat()
+    second = await start_admin(start_supervisor)
+    assert (await second.client.get("/acme/r/a")).text == "from alt_a\n"
+    assert cached.stat() == learned  # read, not learned again
+
+    response = await upload(second.client, "acme", "g", greeter("g"), route="/g")
+    assert response.status_code == 201, response.text
+    rewritten = json.loads((folder / store.MANIFEST_FILE).read_text())
+    assert rewritten["format"] == 2
+    assert rewritten["modules"]["r"] == entry
+    assert rewritten["modules"]["g"]["declared_routes"] == []
+    assert (await second.client.get("/acme/r/a")).text == "from alt_a\n"
 
 
 # Item 10: a worker that cannot load what the pod committed converges, and says so meanwhile.
