@@ -71,8 +71,8 @@ YIELD_EVERY_S = 0.0005
 """A reload offers the GIL this often: the event loop waits about this long at worst."""
 CATCH_UP_LOCK_WAIT_S = 0.05
 """How long a request's catch-up waits for a reload already running (a poll of unchanged
-tenants takes milliseconds); past it, the request is served from the state in force and
-the running reload, or the next poll, brings the change."""
+tenants takes milliseconds); past it, the request is served from the state in force and the
+next poll brings the change."""
 RETRY_FIRST_S = 1.0
 RETRY_MAX_S = 32.0
 """A tenant that failed to rebuild from unchanged files is tried again after RETRY_FIRST_S,
@@ -279,6 +279,10 @@ class TenantRegistry:
         others keep serving their old state until the background poll has built the new one.
         """
         if not self._lock.acquire(timeout=CATCH_UP_LOCK_WAIT_S if on_request_path else -1):
+            # A long reload runs (compiling): the next poll brings the change. Seen, so the
+            # requests that follow do not each wait again.
+            if self.changes is not None:
+                self._changes_seen = self.changes.value()
             return self.state
         try:
             return self._reload(force, on_request_path)
