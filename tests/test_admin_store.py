@@ -87,11 +87,12 @@ def test_format_2_is_written_with_the_routes_each_version_declared(tmp_path: Pat
 
 def test_a_format_1_manifest_loads_with_its_routes_unknown(tmp_path: Path):
     """What the previous revision wrote: no `declared_routes` anywhere."""
-    written = version("1").to_dict()
-    document = {"format": 1, "modules": {"a": {**written, "previous": None}}, "deleted": {}}
+    written = version("1")
+    entry = {**written.to_dict(), "previous": None}
+    document = {"format": 1, "modules": {"a": entry}, "deleted": {}}
     (tmp_path / store.MANIFEST_FILE).write_text(json.dumps(document))
     manifest = store.read_manifest(tmp_path)
-    assert manifest.modules["a"].current == version("1")
+    assert manifest.modules["a"].current == written
     assert manifest.modules["a"].current.declared_routes is None
 
 
