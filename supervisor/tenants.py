@@ -281,6 +281,7 @@ class TenantRegistry:
         if not self._lock.acquire(timeout=CATCH_UP_LOCK_WAIT_S if on_request_path else -1):
             # A long reload runs (compiling): the next poll brings the change. Seen, so the
             # requests that follow do not each wait again.
+            log.info("catch-up: a reload is running; left to the background reload")
             if self.changes is not None:
                 self._changes_seen = self.changes.value()
             return self.state
