@@ -17,7 +17,8 @@ while the body streams (`RequestBody.read` stops at `max_module_bytes`); the bin
 imports, initial memory and entrypoint before compiling (microseconds, even for 100 MB);
 then the compile, in a child process with the tenant's compile limits (compiler.py), waited
 on from a worker thread under its own `CapacityLimiter`, so uploads never take the threads
-that run guests. The artifact goes to the compiled-artifact cache, so the reload
+that run guests; then the module's `_routes`, once, whose result the manifest stores
+(declared_routes.py). The artifact goes to the compiled-artifact cache, so the reload
 that follows, and every restart after it, loads the module in milliseconds.
 
 Every change to a tenant's manifest is one transaction: a `trio.Lock` per tenant in this
@@ -269,12 +270,19 @@ class AdminApi:
             ),
             limiter=self.compile_limiter,
         )
+        # `_routes` runs here, once per version, and its result is stored with it: no load,
+        # in any worker or pod, runs guest code (the tenant's own upload waits for it).
+        declared = await trio.to_thread.run_sync(
+            functools.partial(self.registry.declare_routes, compiled, policy, name=call.name)
+        )
         version = dataclasses.replace(
             settings,
             sha256=compiled.sha256,
             size=len(binary),
             uploaded_at=store.utc_now(),
             compile_s=round(compiled.compile_s, 6),
+            declared_routes=declared.routes,
+            unknown={},  # keys of another revision describe the version they came with
         )
 
         def change(tenant_dir: Path, manifest: store.Manifest) -> store.Manifest | None:
