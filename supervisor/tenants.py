@@ -363,6 +363,7 @@ class TenantRegistry:
             timeout_ms=policy.timeout_ms,
             max_stdout_bytes=policy.max_response_bytes,
             max_stderr_bytes=policy.max_stderr_bytes,
+            max_poll_subscriptions=policy.max_poll_subscriptions,
         )
         policy_volumes = _resolve_volumes(tenant_dir, policy.volumes, source=f"{name} policy")
         # (owner, source, spec): modules.toml entries, then the named modules by name.

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import wasmtime
 
+from supervisor.errors import GuestTimeout
 from supervisor.sandbox import GuestLimits, Sandbox
 
 GUESTS = Path(__file__).parent / "guests"
+HOSTILE_GUESTS = Path(__file__).parent / "hostile" / "guests"
 BENCH_GUESTS = Path(__file__).parent.parent / "bench" / "guests"
 DEMO = Path(__file__).parent.parent / "tenants" / "demo"
 LIMITS = GuestLimits(
@@ -69,3 +72,15 @@ def test_a_nul_ends_its_own_string_and_no_other(sandbox):
     assert (
         _output(sandbox, DEMO / "echo.wat", argv, env) == "\n---\nPATH_INFO=/a\nN=n\u00e4\nLAST=z\n"
     )
+
+
+def test_a_gather_write_to_stderr_keeps_the_allowance_and_drops_the_rest(sandbox):
+    """64 GiB a call named by 65,536 iovecs, in a loop: kept up to max_stderr_bytes only,
+    and the deadline ends it, checked inside the calls."""
+    limits = replace(LIMITS, timeout_ms=100, max_stderr_bytes=4096)
+    wat = (HOSTILE_GUESTS / "host_calls_gather_stderr.wat").read_text()
+    prepared = sandbox.prepare(wasmtime.Module(sandbox.engine, wat))
+    run = sandbox.run(prepared, "_start", argv=["/"], env={}, stdin=b"", limits=limits)
+    assert isinstance(run.error, GuestTimeout)
+    assert (run.stderr, run.stderr_truncated) == (bytes(4096), True)
+    assert run.duration_s < 0.5
