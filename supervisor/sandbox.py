@@ -499,6 +499,8 @@ def _instantiation_error(exc: Exception, limits: GuestLimits) -> GuestError:
         )
     if isinstance(exc, Trap) and exc.trap_code == TrapCode.OUT_OF_FUEL:
         return GuestFuelExhausted(f"guest ran out of fuel ({limits.fuel} units) while starting")
+    if isinstance(exc, Trap) and exc.trap_code == TrapCode.INTERRUPT:  # in its start function
+        return GuestTimeout(f"guest exceeded its deadline of {limits.timeout_ms} ms while starting")
     return GuestTrap(f"guest failed to start: {message}")
 
 

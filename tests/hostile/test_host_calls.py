@@ -1,4 +1,4 @@
-"""Hostile guests against the host functions we write ourselves (issue 10, items 1 and 6).
+"""Hostile guests against the host functions we write ourselves (issue 10, items 1, 6, 12).
 
 A guest calls `fd_write` and `poll_oneoff` with arguments chosen to make the host work far
 more than the guest does: gather writes naming the same memory thousands of times, millions
@@ -150,3 +150,17 @@ async def test_each_fd_write_is_charged_to_the_guests_fuel(workspace, start_supe
     response = await running.client.get("/t/writes")
     assert (response.status_code, response.text) == (200, "wrote\n")
     assert access_record(caplog, "/writes").fuel_used > 1000 * sandbox.FD_WRITE_FUEL
+
+
+# Item 12: a start function that never returns is a timeout.
+
+
+async def test_a_start_function_that_never_returns_is_a_timeout(
+    workspace, start_supervisor, caplog
+):
+    caplog.set_level(logging.INFO, logger="supervisor.access")
+    add_tenant(workspace, "t", {"/start": "host_calls_start_loop.wat"}, "timeout_ms = 100\n")
+    running = await start_supervisor()
+    response = await running.client.get("/t/start")
+    assert response.status_code == 504
+    assert access_record(caplog, "/start").outcome == "timeout"
