@@ -84,3 +84,15 @@ def test_a_gather_write_to_stderr_keeps_the_allowance_and_drops_the_rest(sandbox
     assert isinstance(run.error, GuestTimeout)
     assert (run.stderr, run.stderr_truncated) == (bytes(4096), True)
     assert run.duration_s < 0.5
+
+
+def test_a_guest_looping_on_host_calls_leaves_the_gil_half_the_time(sandbox):
+    """poll_oneoff refused (EINVAL) in an endless loop: each call is ~1.5 µs of host Python,
+    and back to back they would keep the GIL from the event loop. The process's host-call
+    budget (HOST_SHARE) makes the guest sleep, without the GIL, for most of its run."""
+    limits = replace(LIMITS, timeout_ms=300, fuel=10**13, max_poll_subscriptions=32)
+    wat = (HOSTILE_GUESTS / "host_calls_poll_loop.wat").read_text()  # asks for 64
+    prepared = sandbox.prepare(wasmtime.Module(sandbox.engine, wat))
+    run = sandbox.run(prepared, "_start", argv=["/"], env={}, stdin=b"", limits=limits)
+    assert isinstance(run.error, GuestTimeout)
+    assert run.cpu_s < 0.5 * run.duration_s, (run.cpu_s, run.duration_s)
