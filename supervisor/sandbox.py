@@ -17,7 +17,8 @@ Replaced WASI functions (FACTS.md explains why each is needed):
 Both are host work done holding the GIL, which the guest's own fuel does not count, so each
 call is charged to the guest's fuel (see `FUEL_PER_HOST_NS`) and checked against the
 deadline (see `_settle`): the epoch ticker is a Python thread, and guests hammering host
-calls starve it.
+calls starve it. Together, the guests of a process spend at most `HOST_SHARE` of the wall
+clock in host calls (`_HostTime`): the rest of the GIL is the event loop's.
 
 Host functions never raise (an exception there is re-raised in whichever thread traps next):
 they record a fault on the request's own state and stop the guest by emptying its fuel.
