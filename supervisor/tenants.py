@@ -753,6 +753,7 @@ def _guest_limits(policy: Policy) -> GuestLimits:
         timeout_ms=policy.timeout_ms,
         max_stdout_bytes=policy.max_response_bytes,
         max_stderr_bytes=policy.max_stderr_bytes,
+        max_poll_subscriptions=policy.max_poll_subscriptions,
     )
 
 
