@@ -18,7 +18,7 @@ from pathlib import Path
 
 import trio
 
-from . import server, store
+from . import malloc, server, store
 from .admin import DEFAULT_COMPILE_THREADS, AdminApi
 from .admission import Admission
 from .auth import Authenticator
@@ -105,6 +105,7 @@ async def run(
     A worker of `serve --workers N` (workers.py) passes the sockets its supervisor bound (the
     serving port; a private socket for its `/metrics`) and the pod-wide tenant counts.
     """
+    malloc.return_large_buffers_to_the_os()
     with Sandbox(max_instances=2 * config.slots + LOADING_INSTANCES) as sandbox:
         cache = ArtifactCache(
             config.cache_dir,
