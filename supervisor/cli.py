@@ -187,6 +187,15 @@ def build_parser() -> argparse.ArgumentParser:
             },
         ),
         (
+            "max-connections-per-client",
+            {
+                "type": _positive_int,
+                "default": str(server.ServerConfig().max_connections_per_client),
+                "help": "connections of any kind one client address may hold; past it, a new"
+                " one is closed as soon as it is accepted",
+            },
+        ),
+        (
             "metrics-listen",
             {
                 "type": _listen_address,
@@ -332,6 +341,7 @@ def _app_config(args: argparse.Namespace) -> app.AppConfig | None:
             grace_period_s=args.grace_period,
             max_connections=args.max_connections,
             max_idle_per_client=args.max_idle_per_client,
+            max_connections_per_client=args.max_connections_per_client,
         ),
         metrics_host=metrics_host,
         metrics_port=metrics_port,

@@ -43,7 +43,9 @@ one too). Only when every connection is busy does a new one wait in the kernel's
 No client keeps more than `max_idle_per_client` idle keep-alive connections: past that, its
 oldest idle one is closed. A connection still waiting for its first request does not count
 against that cap (its bytes may be on their way: a client that opens several connections at
-once is not hoarding); `head_timeout_s` and the limit above bound those.
+once is not hoarding); `head_timeout_s` and the limit above bound those, and no client holds
+more than `max_connections_per_client` connections of any kind: past it, a new connection is
+closed as soon as it is accepted, before anything is spent on it.
 
 Error handling: a client that resets or vanishes ends its connection quietly
 (`trio.BrokenResourceError`, logged at debug). Protocol errors are answered with h11's
@@ -161,9 +163,13 @@ class ServerConfig:
     # Idle connections one client address may hold: a browser opens 6, a proxy's pool a few
     # dozen; more is a client hoarding places (past it, its oldest idle one is closed).
     max_idle_per_client: int = 64
+    # Connections of any state one client address may hold: past it, a new one is closed as
+    # soon as it is accepted. Far above what a browser or a proxy's pool opens (Knative's
+    # queue-proxy is one address for all traffic: keep this above its containerConcurrency).
+    max_connections_per_client: int = 256
 
     def __post_init__(self) -> None:
-        for name in ("max_connections", "max_idle_per_client"):
+        for name in ("max_connections", "max_idle_per_client", "max_connections_per_client"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
@@ -326,7 +332,18 @@ class _Server:
             except BaseException:
                 self.slots.release()
                 raise
-            nursery.start_soon(self.serve_connection, stream, server_port)
+            client_addr = _peer_ip(stream)
+            client = self.clients.get(client_addr)
+            if client is None:
+                client = self.clients[client_addr] = _Client()
+            elif client.connections >= self.config.max_connections_per_client:
+                # Refused here, before a task or a buffer exists for it: a flood of
+                # connections from one address costs an accept and a close each.
+                self.slots.release()
+                stream.socket.close()
+                continue
+            client.connections += 1  # counted now: tasks start later than a burst of accepts
+            nursery.start_soon(self.serve_connection, stream, server_port, client_addr, client)
 
     async def _take_slot(self, listener: trio.SocketListener) -> None:
         """A place for the next connection; at the limit, made by closing an idle one."""
@@ -356,12 +373,10 @@ class _Server:
         _close_oldest(client.idle or client.new or client.reading)
         return True
 
-    async def serve_connection(self, stream: trio.SocketStream, server_port: int) -> None:
-        client_addr = _peer_ip(stream)
-        client = self.clients.get(client_addr)
-        if client is None:
-            client = self.clients[client_addr] = _Client()
-        client.connections += 1
+    async def serve_connection(
+        self, stream: trio.SocketStream, server_port: int, client_addr: str, client: _Client
+    ) -> None:
+        """Serve one accepted connection, already counted in `client` (its address's)."""
         try:
             conn = _Connection(self, stream, server_port, client_addr, client)
             with conn.scope:

@@ -121,6 +121,21 @@ async def test_idle_flood_from_one_client_leaves_healthz_prompt_for_another(
             )
 
 
+async def test_a_client_past_its_connection_cap_has_new_connections_closed_at_once(
+    workspace: Workspace, start_supervisor
+) -> None:
+    """A flood of connections costs the server an accept and a close each past the cap, not a
+    task per connection: the flooder keeps 20 places, the rest are closed, others connect."""
+    config = ServerConfig(max_connections_per_client=20, head_timeout_s=60)
+    running = await start_supervisor(server=config)
+    with flood(running.app.port, 200) as silent:
+        await wait_until(lambda: still_open(silent) <= 20, "the flooder keeps 20 connections")
+        assert still_open(silent) == 20
+        async with quiet_client(running.app.port) as client:
+            with trio.fail_after(PROMPT_S):
+                assert (await client.get("/healthz")).status_code == 200
+
+
 async def test_slow_head_flood_from_one_client_leaves_healthz_prompt_for_another(
     workspace: Workspace, start_supervisor
 ) -> None:
