@@ -262,15 +262,30 @@ def caller_memory(caller: int) -> ctypes.Array:
     return (ctypes.c_char * size).from_address(_memory_data(context, memory))
 
 
+def fuel_left(caller: int) -> int:
+    """The calling guest's fuel: what a host function may charge its work against."""
+    fuel = ctypes.c_uint64()
+    error = _get_fuel(_caller_context(caller), ctypes.byref(fuel))
+    if error:  # only when fuel is off, which the engine never is: nothing left to charge
+        _error_delete(error)
+        return 0
+    return fuel.value
+
+
+def set_fuel_left(caller: int, units: int) -> None:
+    """Leave the calling guest `units` of fuel (0: it traps, out of fuel, once it resumes)."""
+    error = _set_fuel(_caller_context(caller), units)
+    if error:
+        _error_delete(error)
+
+
 def stop_guest(caller: int) -> None:
     """Make the running guest trap (out of fuel) as soon as the current host call returns.
 
     Host functions must never raise, so this is how one ends a guest: it records why on the
     request's own state, then empties the fuel tank.
     """
-    error = _set_fuel(_caller_context(caller), 0)
-    if error:
-        _error_delete(error)
+    set_fuel_left(caller, 0)
 
 
 _UNCHECKED_CALLBACK = ctypes.CFUNCTYPE(

@@ -103,6 +103,22 @@ def test_stop_guest_ends_a_guest_that_ignores_errors():
     assert calls == 3
 
 
+def test_a_host_function_reads_and_takes_the_callers_fuel():
+    """What `sandbox` charges host work with: the fuel it takes is the run's fuel used."""
+    seen: list[int] = []
+
+    def fd_write(caller: int, args: list[int]) -> int:
+        seen.append(wasmtime_ext.fuel_left(caller))
+        wasmtime_ext.set_fuel_left(caller, seen[-1] - 100_000)
+        return 0
+
+    engine = _engine()
+    failure, fuel_used = _run(engine, _linker(engine, fd_write), HELLO)
+    assert failure is None
+    assert 0 < 1_000_000 - seen[0] < 100  # the few instructions before the call
+    assert 100_000 < fuel_used < 100_100
+
+
 def test_a_missing_export_is_reported_not_raised():
     engine = _engine()
     linker = _linker(engine, lambda caller, args: 0)
