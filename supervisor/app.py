@@ -159,6 +159,7 @@ async def run(
             nursery.cancel_scope.cancel()
         # Every guest has ended by now (a caller waits for its guest), so this joins at once.
         guest_threads.close()
+        registry.outbound.close()
         log.info("stopped")
 
 

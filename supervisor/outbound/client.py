@@ -30,6 +30,7 @@ import ssl
 import threading
 import time
 import urllib.request
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -40,6 +41,12 @@ from .rules import AllowList, address_allowed
 
 MAX_REDIRECTS = 10
 """Hops followed for one request (reqwest's and WAGI's default), each checked again."""
+MAX_CONNECTIONS = 256
+"""Outbound connections open at once in this process, all tenants, in use or kept alive: the
+descriptors the server's connection limit sets aside for them (app.py). Past it a new
+connection fails (11) until one closes."""
+KEEPALIVE_PER_POOL = 4
+"""Idle connections a tenant's pool keeps for its next calls; more are closed when released."""
 KEEPALIVE_S = 30.0
 """An idle pooled connection is closed after this: kept alive for a tenant's next calls, not
 holding descriptors for a tenant that stopped calling."""
@@ -107,6 +114,59 @@ class _TimeLeft(dict):
         return max(MIN_TIMEOUT_S, self.deadline - time.monotonic())
 
 
+class _ConnectionCount:
+    """Outbound connections open in this process, bounded by `MAX_CONNECTIONS`."""
+
+    def __init__(self) -> None:
+        self.open = 0
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        with self._lock:
+            if self.open >= MAX_CONNECTIONS:
+                return False
+            self.open += 1
+            return True
+
+    def give_back(self) -> None:
+        with self._lock:
+            self.open -= 1
+
+
+OPEN_CONNECTIONS = _ConnectionCount()
+
+
+class _CountedStream(httpcore.NetworkStream):
+    """A connection that gives its place back when closed, or when dropped unclosed (a pool
+    of a client replaced at reload is never closed: its guests may still be using it)."""
+
+    def __init__(self, stream: httpcore.NetworkStream) -> None:
+        self._stream = stream
+        self._release = weakref.finalize(self, OPEN_CONNECTIONS.give_back)
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._stream.read(max_bytes, timeout)
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._stream.write(buffer, timeout)
+
+    def close(self) -> None:
+        self._stream.close()
+        self._release()
+
+    def start_tls(self, ssl_context, server_hostname=None, timeout=None):
+        try:
+            secure = self._stream.start_tls(ssl_context, server_hostname, timeout)
+        except BaseException:
+            self.close()
+            raise
+        self._release.detach()  # the TLS stream holds the place now
+        return _CountedStream(secure)
+
+    def get_extra_info(self, info: str) -> object:
+        return self._stream.get_extra_info(info)
+
+
 class _GuardedBackend(httpcore.SyncBackend):
     """Resolves a host itself and connects only to an address the SSRF guard admits."""
 
@@ -115,6 +175,16 @@ class _GuardedBackend(httpcore.SyncBackend):
         self._proxies = proxies
 
     def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
+        if not OPEN_CONNECTIONS.take():
+            raise httpcore.ConnectError(f"{MAX_CONNECTIONS} outbound connections already open")
+        try:
+            stream = self._connect(host, port, timeout, local_address, socket_options)
+        except BaseException:
+            OPEN_CONNECTIONS.give_back()
+            raise
+        return _CountedStream(stream)  # the place is the stream's until it closes
+
+    def _connect(self, host, port, timeout, local_address, socket_options):
         if (host, port) in self._proxies:
             return super().connect_tcp(host, port, timeout, local_address, socket_options)
         try:
@@ -299,6 +369,7 @@ class TenantClient:
                         ssl_context=self._ssl,
                         proxy=httpcore.Proxy(proxy, ssl_context=self._ssl) if proxy else None,
                         max_connections=self.max_in_flight,
+                        max_keepalive_connections=KEEPALIVE_PER_POOL,
                         keepalive_expiry=KEEPALIVE_S,
                         network_backend=self._backend,
                     )
@@ -332,6 +403,14 @@ class TenantClients:
             stats = self._stats.setdefault(tenant, OutboundStats())
             client = self._clients[tenant] = TenantClient(policy_rules, max_in_flight, stats)
             return client
+
+    def close(self) -> None:
+        """Close every tenant's pooled connections (at shutdown)."""
+        with self._lock:
+            clients = list(self._clients.values())
+            self._clients.clear()
+        for client in clients:
+            client.close()
 
     def stats(self) -> dict[str, tuple[dict[str, int], list[int], float]]:
         """By tenant name: (counts by outcome, duration buckets, duration sum)."""

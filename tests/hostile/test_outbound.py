@@ -25,6 +25,8 @@ import httpx
 import pytest
 import trio
 
+from supervisor.outbound import client
+
 GUESTS = Path(__file__).parent / "guests"
 SLOW_UPSTREAM_S = 5.0
 """How long /slow waits before answering: well past the guests' 1 s deadline."""
@@ -587,3 +589,21 @@ async def test_outbound_requests_are_counted_by_tenant_and_outcome(
     assert 'wasm_supervisor_outbound_requests_total{outcome="ok",tenant="t"} 1.0' in text
     assert 'wasm_supervisor_outbound_requests_total{outcome="denied",tenant="t"} 1.0' in text
     assert 'wasm_supervisor_outbound_request_duration_seconds_count{tenant="t"} 2.0' in text
+
+
+async def test_outbound_connections_of_the_process_are_bounded_and_given_back(
+    workspace, start_supervisor, upstream, tls_upstream, monkeypatch
+):
+    already = client.OPEN_CONNECTIONS.open  # servers of earlier tests, until collected
+    monkeypatch.setattr(client, "MAX_CONNECTIONS", already + 1)
+    origins = [f"http://127.0.0.1:{upstream.port}", f"https://127.0.0.1:{tls_upstream.port}"]
+    add_tenant(workspace, origins, origins, "max_outbound_requests = 64")
+    running = await start_supervisor()
+    assert "req=0" in (await call(running, tls_upstream.url("/hello")))[1]
+    assert client.OPEN_CONNECTIONS.open == already + 1  # kept alive, TLS: counted once
+    # The one place is taken by the kept-alive TLS connection: a second upstream must wait.
+    assert req_code((await call(running, upstream.url("/hello")))[1]) == 11
+    assert client.OPEN_CONNECTIONS.open == already + 1
+    running.app.registry.outbound.close()  # what shutdown does
+    assert client.OPEN_CONNECTIONS.open == already
+    assert "req=0" in (await call(running, upstream.url("/hello")))[1]
