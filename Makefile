@@ -3,6 +3,8 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PORT   ?= 8080
+# `make soak`: minutes of mixed and hostile traffic (bench/soak.py); not part of `make test`.
+SOAK_MINUTES ?= 10
 METRICS_PORT ?= 9464
 # promtool and prometheus from Debian's `prometheus` package, unpacked here (not installed as a
 # service): `make test` lints metrics and rules with promtool, bench/prometheus_scrape.py runs
@@ -10,7 +12,7 @@ METRICS_PORT ?= 9464
 PROMETHEUS_DIR := .cache/prometheus
 PROMTOOL       := $(PROMETHEUS_DIR)/usr/bin/promtool
 
-.PHONY: run test lint format bench bench-prometheus clean
+.PHONY: run test lint format bench bench-prometheus bench-attacks soak clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,6 +47,12 @@ bench: $(VENV)/.installed
 
 bench-prometheus: $(VENV)/.installed $(PROMTOOL)
 	$(PY) bench/prometheus_scrape.py
+
+bench-attacks: $(VENV)/.installed
+	$(PY) bench/attacks.py
+
+soak: $(VENV)/.installed
+	$(PY) bench/soak.py --minutes $(SOAK_MINUTES)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

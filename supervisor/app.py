@@ -10,9 +10,10 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import resource
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import trio
@@ -21,10 +22,12 @@ from . import server, store
 from .admin import DEFAULT_COMPILE_THREADS, AdminApi
 from .admission import Admission
 from .auth import Authenticator
+from .errors import ConfigError
 from .gateway import Gateway
 from .guest_threads import GuestThreads
 from .metrics import Metrics
-from .modules import ArtifactCache
+from .modules import DEFAULT_MAX_BYTES, DEFAULT_MIN_AGE_S, ArtifactCache
+from .outbound import client as outbound_client
 from .pod_limits import PodCounters
 from .sandbox import Sandbox
 from .tenants import WATCH_INTERVAL_S, TenantRegistry
@@ -36,6 +39,19 @@ DEFAULT_SLOTS = 16
 DEFAULT_GLOBAL_QUEUE = 256
 LOADING_INSTANCES = 8
 """Stores used outside request slots at once: `_routes` calls while tenants load."""
+
+# Connections get the file descriptors RLIMIT_NOFILE allows, less what the rest of the process
+# needs, so that accept never meets EMFILE and a guest never fails to open its volume.
+FDS_PER_SLOT = 8
+"""A running guest holds one descriptor per preopened volume; 8 covers a route's usual few."""
+FDS_HEADROOM = 64
+"""Beyond what is open once the tenants are loaded (listeners, logs, one per loaded artifact,
+which stays mapped): modules loaded later, admin uploads and cache files being written,
+compile children's pipes, a worker's restart."""
+METRICS_MAX_CONNECTIONS = 16
+"""Scrapers of `/metrics` at once: a few Prometheus replicas and an adapter."""
+MIN_CONNECTIONS = 16
+"""Fewer connections than this is a misconfiguration: refuse to start and say why."""
 
 
 def default_cache_dir() -> Path:
@@ -51,6 +67,8 @@ class AppConfig:
     tenants_dir: Path = Path("tenants")
     policies_dir: Path = Path("policies")
     cache_dir: Path = field(default_factory=default_cache_dir)
+    cache_max_bytes: int = DEFAULT_MAX_BYTES  # the artifact cache's bound on disk
+    cache_min_age_s: float = DEFAULT_MIN_AGE_S  # never collected younger than this
     slots: int = DEFAULT_SLOTS
     global_queue: int = DEFAULT_GLOBAL_QUEUE
     watch_interval_s: float = WATCH_INTERVAL_S
@@ -88,7 +106,13 @@ async def run(
     serving port; a private socket for its `/metrics`) and the pod-wide tenant counts.
     """
     with Sandbox(max_instances=2 * config.slots + LOADING_INSTANCES) as sandbox:
-        cache = ArtifactCache(config.cache_dir, sandbox.engine, sandbox.settings)
+        cache = ArtifactCache(
+            config.cache_dir,
+            sandbox.engine,
+            sandbox.settings,
+            max_bytes=config.cache_max_bytes,
+            min_age_s=config.cache_min_age_s,
+        )
         changes = store.open_change_counter(config.cache_dir)  # shared by the pod's workers
         registry = TenantRegistry(config.tenants_dir, config.policies_dir, sandbox, cache, changes)
         started = time.perf_counter()
@@ -101,6 +125,9 @@ async def run(
             cache.misses,
             cache.hits,
             len(state.errors),
+        )
+        server_config = replace(
+            config.server, max_connections=_connection_limit(config.server, config.slots)
         )
         admission = Admission(slots=config.slots, global_queue=config.global_queue, pod=pod)
         guest_threads = GuestThreads(config.slots)
@@ -131,6 +158,7 @@ async def run(
             if config.handle_signals:
                 nursery.start_soon(_handle_signals, registry, shutdown)
             nursery.start_soon(registry.watch, config.watch_interval_s)
+            nursery.start_soon(_collect_artifacts, cache)
             if pod is not None:
                 nursery.start_soon(admission.poll_pod)
             if metrics_listeners is not None:
@@ -141,7 +169,7 @@ async def run(
                         server.serve,
                         metrics.handle,
                         metrics_listeners,
-                        config.server,
+                        replace(server_config, max_connections=METRICS_MAX_CONNECTIONS),
                         shutdown=trio.Event(),
                     )
                 )
@@ -150,7 +178,7 @@ async def run(
             async with trio.open_nursery() as serving:
                 await serving.start(
                     functools.partial(
-                        server.serve, gateway.handle, listeners, config.server, shutdown=shutdown
+                        server.serve, gateway.handle, listeners, server_config, shutdown=shutdown
                     )
                 )
                 log.info("serving on http://%s:%d", config.host, port)
@@ -161,6 +189,58 @@ async def run(
         guest_threads.close()
         registry.outbound.close()
         log.info("stopped")
+
+
+def _connection_limit(config: server.ServerConfig, slots: int) -> int:
+    """`max_connections`, lowered to what RLIMIT_NOFILE (soft) leaves once the descriptors
+    open now (the tenants loaded), the guests', /metrics' and `FDS_HEADROOM` are set aside.
+
+    Raises ConfigError when that leaves fewer than `MIN_CONNECTIONS`.
+    """
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return config.max_connections
+    open_now = len(os.listdir("/proc/self/fd"))
+    guests = slots * FDS_PER_SLOT
+    outbound = outbound_client.MAX_CONNECTIONS  # guests' outbound HTTP, in use or kept alive
+    reserved = open_now + guests + METRICS_MAX_CONNECTIONS + outbound + FDS_HEADROOM
+    room = soft - reserved
+    if room < MIN_CONNECTIONS:
+        raise ConfigError(
+            "RLIMIT_NOFILE",
+            None,
+            f"the soft limit of {soft} file descriptors leaves {room} for connections, fewer"
+            f" than {MIN_CONNECTIONS}: {reserved} are reserved ({open_now} open, {guests} for"
+            f" {slots} slots, {METRICS_MAX_CONNECTIONS} for /metrics, {outbound} for outbound"
+            f" HTTP, {FDS_HEADROOM} headroom);"
+            " raise it (ulimit -n) or lower --slots",
+        )
+    limit = min(config.max_connections, room)
+    log.info(
+        "connections: at most %d (RLIMIT_NOFILE %d, %d reserved: %d open, %d for %d slots,"
+        " %d for /metrics, %d for outbound HTTP, %d headroom), %d idle per client",
+        limit,
+        soft,
+        reserved,
+        open_now,
+        guests,
+        slots,
+        METRICS_MAX_CONNECTIONS,
+        outbound,
+        FDS_HEADROOM,
+        config.max_idle_per_client,
+    )
+    return limit
+
+
+async def _collect_artifacts(cache: ArtifactCache) -> None:
+    """Lease this process's artifacts and collect unused ones, forever (cancel to stop)."""
+    while True:
+        await trio.sleep(cache.collect_interval())
+        try:
+            await trio.to_thread.run_sync(cache.collect)
+        except Exception:
+            log.exception("artifact cache collection failed")
 
 
 async def _handle_signals(registry: TenantRegistry, shutdown: trio.Event) -> None:

@@ -9,6 +9,7 @@ defaulting to 8080.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import os
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import trio
 
-from . import __version__, admin, app, client, metrics, policies, server, workers
+from . import __version__, admin, app, client, metrics, modules, policies, server, workers
 from .auth import operator_token_sha256
 from .errors import ConfigError
 
@@ -79,6 +80,24 @@ def _tenant_names(value: str) -> frozenset[str]:
     return names
 
 
+def _size(value: str) -> int:
+    """Bytes, as policies write them: `2147483648`, `2GiB`, `500MB`."""
+    try:
+        return policies.parse_size(value)
+    except (ValueError, TypeError) as exc:
+        raise argparse.ArgumentTypeError(f"expected a size like 2GiB, got {value!r}") from exc
+
+
+def _seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected seconds (0 or more), got {value!r}")
+    return seconds
+
+
 def _positive_int(value: str) -> int:
     if not value.isdigit() or int(value) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
@@ -110,6 +129,23 @@ def build_parser() -> argparse.ArgumentParser:
             },
         ),
         (
+            "cache-max-bytes",
+            {
+                "type": _size,
+                "default": str(modules.DEFAULT_MAX_BYTES),
+                "help": "bound of the artifact cache on disk (e.g. 2GiB); unused artifacts are"
+                " evicted past it, least recently used first",
+            },
+        ),
+        (
+            "cache-min-age",
+            {
+                "type": _seconds,
+                "default": str(modules.DEFAULT_MIN_AGE_S),
+                "help": "seconds an artifact is kept after its last use by any process",
+            },
+        ),
+        (
             "slots",
             {
                 "type": _positive_int,
@@ -131,6 +167,23 @@ def build_parser() -> argparse.ArgumentParser:
                 "type": float,
                 "default": "30",
                 "help": "seconds in-flight requests get to finish on SIGTERM",
+            },
+        ),
+        (
+            "max-connections",
+            {
+                "type": _positive_int,
+                "default": str(server.ServerConfig().max_connections),
+                "help": "connections open at once, at most (lowered to fit RLIMIT_NOFILE)",
+            },
+        ),
+        (
+            "max-idle-per-client",
+            {
+                "type": _positive_int,
+                "default": str(server.ServerConfig().max_idle_per_client),
+                "help": "idle keep-alive connections one client address may hold; past it,"
+                " its oldest idle one is closed",
             },
         ),
         (
@@ -222,10 +275,14 @@ def _serve(args: argparse.Namespace, serve_args: list[str]) -> int:
     try:
         if args.workers > 1:
             return trio.run(workers.supervise, config, args.workers, serve_args)
+        faulthandler.enable()  # a fatal signal prints the Python stacks (workers.run_worker)
         trio.run(app.run, config)
     except OSError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except ConfigError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -264,9 +321,15 @@ def _app_config(args: argparse.Namespace) -> app.AppConfig | None:
         tenants_dir=args.tenants,
         policies_dir=args.policies,
         cache_dir=args.cache,
+        cache_max_bytes=args.cache_max_bytes,
+        cache_min_age_s=args.cache_min_age,
         slots=args.slots,
         global_queue=args.global_queue,
-        server=server.ServerConfig(grace_period_s=args.grace_period),
+        server=server.ServerConfig(
+            grace_period_s=args.grace_period,
+            max_connections=args.max_connections,
+            max_idle_per_client=args.max_idle_per_client,
+        ),
         metrics_host=metrics_host,
         metrics_port=metrics_port,
         metrics_tenants=args.metrics_tenants,

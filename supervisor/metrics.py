@@ -323,6 +323,7 @@ class _StateCollector:
         families["cache_hits"].add_metric([], cache.hits)
         families["cache_misses"].add_metric([], cache.misses)
         families["cache_rebuilt"].add_metric([], cache.rebuilt)
+        families["cache_collected"].add_metric([], cache.collected)
         families["reload_errors"].add_metric([], self._registry.reload_errors)
 
         state = self._registry.state
@@ -400,6 +401,10 @@ class _StateCollector:
             ),
             "cache_rebuilt": counter(
                 "artifact_cache_rebuilt", "Stored artifacts that failed verification, rebuilt."
+            ),
+            "cache_collected": counter(
+                "artifact_cache_collected",
+                "Artifacts deleted: unused for the cache's minimum age, or evicted over its bound.",
             ),
             "reload_errors": counter(
                 "policy_reload_errors",

@@ -16,11 +16,29 @@ well, so a cryptographic digest would add nothing but time. CRC-32 over the memo
 takes ~4.5 ms for CPython's 18 MB artifact where reading it and hashing it with SHA-256 took
 ~11 ms, over the 10 ms a cold start of that guest may take.
 
+The cache is bounded and collected (issue 10, item 9). Last use is an artifact's mtime: set
+when it is written, loaded from disk, or leased: every `collect` pass re-stamps what this
+process holds, so processes sharing the folder (a pod's workers, pods on one volume) see what
+any of them uses. A pass deletes what nobody held or loaded for `min_age_s`, then, while the
+folder is over `max_bytes`, what this process does not hold, least recently used first; a
+store over the bound evicts the same way at once. Files are only ever unlinked or renamed over,
+never changed in place: a process that has one mapped keeps its pages (unlinked data lives
+until unmapped), and one about to load it finds no record and compiles again. Deleting an
+artifact some process holds frees nothing, so held artifacts are never evicted; what one
+tenant holds is bounded by its policy's `max_artifact_bytes` (tenants.py).
+
+The cache folder is native code that wasmtime maps without checking: whoever can write it can
+run code in the server, and an artifact changed under a running worker crashes it (SIGBUS).
+The engine's folder is therefore private to the server: created 0700, and at start one owned
+by this uid but open to others is made 0700 again; one that is not a real folder or belongs to
+another uid is never read (every module compiles, as with a read-only cache).
+
 Everything here blocks: callers run it in a worker thread.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import json
@@ -28,6 +46,8 @@ import logging
 import mmap
 import os
 import platform
+import re
+import stat
 import threading
 import time
 import weakref
@@ -45,6 +65,25 @@ log = logging.getLogger("supervisor.modules")
 
 ARTIFACT_SUFFIX = ".cwasm"
 RECORD_SUFFIX = ".json"
+TEMP_SUFFIX = ".tmp"  # files.write_atomically's temp files
+
+DEFAULT_MAX_BYTES = 2 * 1024**3
+"""The cache's bound (`--cache-max-bytes`): a fraction of a node's disk, 100 times the artifact of
+a large language runtime (CPython for WASI: 18 MB)."""
+DEFAULT_MIN_AGE_S = 600.0
+"""An artifact written, loaded or leased this recently is never collected (`--cache-min-age`):
+another process may be about to load it, or use it without this process knowing. It must
+exceed the collect interval, or a lease would lapse between two passes."""
+COLLECT_INTERVAL_S = 60.0
+"""How often a process leases what it holds and collects (at most; see `collect_interval`)."""
+MIN_COLLECT_INTERVAL_S = 0.25
+"""A floor: a pass lists the folder, so it never runs in a tight loop."""
+STALE_TEMP_S = 3600.0
+"""A temp file this old is a crashed write's leftover (a write takes seconds at most)."""
+ENGINE_FOLDER_RE = re.compile(r"[0-9a-f]{16}")
+"""`engine_fingerprint`'s names: the only folders beside ours a pass may collect from."""
+PRIVATE_MODE = 0o700
+"""The engine's cache folder: the server's uid alone may list, read or write it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,13 +118,22 @@ def to_binary(source: bytes, *, name: str) -> bytes:
 class ArtifactCache:
     """A folder of compiled artifacts for one engine, safe to share between processes."""
 
-    def __init__(self, directory: Path, engine: wasmtime.Engine, engine_settings: str) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        engine: wasmtime.Engine,
+        engine_settings: str,
+        *,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        min_age_s: float = DEFAULT_MIN_AGE_S,
+    ) -> None:
         self.directory = directory / engine_fingerprint(engine_settings)
-        try:
-            self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        except OSError as exc:  # a read-only cache costs speed, not service
-            log.warning("artifact cache %s unusable (%s); compiling every module", directory, exc)
+        self.usable = _private_folder(self.directory)
         self.engine = engine
+        self.max_bytes = max_bytes
+        self.min_age_s = min_age_s
+        self._sizes: dict[str, int] = {}  # sha256 -> bytes of its artifact, once stored or read
+        self._over_bound = False  # the last pass could not get under max_bytes (logged once)
         self._locks: dict[str, threading.Lock] = {}
         # Modules loaded by this process, while anything uses them: 1,000 tenants serving
         # the same module verify and map its artifact once.
@@ -96,6 +144,7 @@ class ArtifactCache:
         self.hits = 0
         self.misses = 0
         self.rebuilt = 0
+        self.collected = 0  # artifacts deleted: unused for min_age_s, or evicted over max_bytes
 
     def load(self, binary: bytes, *, name: str) -> CompiledModule:
         """Compile `binary`, or load its verified artifact. Raises ModuleRejected."""
@@ -143,6 +192,8 @@ class ArtifactCache:
         )
 
     def _load_artifact(self, digest: str) -> wasmtime.Module | None:
+        if not self.usable:
+            return None
         artifact, record_path = self._paths(digest)
         try:
             record = json.loads(record_path.read_bytes())
@@ -159,13 +210,18 @@ class ArtifactCache:
                     raise ValueError("size differs from its record")
                 if _file_crc32(file) != expected_crc:
                     raise ValueError("checksum differs from its record")
-            return wasmtime.Module.deserialize_file(self.engine, str(artifact))
+            _stamp_last_use(artifact)  # before it maps: a concurrent pass sees it in use
+            module = wasmtime.Module.deserialize_file(self.engine, str(artifact))
+            self._sizes[digest] = expected_size
+            return module
         except (OSError, ValueError, wasmtime.WasmtimeError) as exc:
             log.warning("artifact %s rejected (%s); rebuilding", artifact.name, _reason(exc))
             self.rebuilt += 1
             return None
 
     def _store_artifact(self, digest: str, module: wasmtime.Module) -> None:
+        if not self.usable:
+            return
         artifact, record_path = self._paths(digest)
         data = module.serialize()
         record = {"size": len(data), "crc32": zlib.crc32(data)}
@@ -175,6 +231,235 @@ class ArtifactCache:
             fsync_directory(self.directory)
         except OSError as exc:  # a read-only or full cache costs speed, not service
             log.warning("could not store artifact %s: %s", artifact.name, exc)
+            return
+        self._note_stored(digest, len(data))
+
+    def _note_stored(self, digest: str, size: int) -> None:
+        """After an artifact of `size` bytes is in place (under `digest`'s lock): count it,
+        stamp its first use, and evict over the bound. Whatever writes an artifact calls it."""
+        self._sizes[digest] = size
+        _stamp_last_use(self._paths(digest)[0])  # the clock of every later use: exact LRU order
+        self._evict_over_bound(_scan(self.directory), held=self._held())
+
+    # Bounds and collection -------------------------------------------------------------------
+
+    def artifact_bytes(self, digest: str) -> int:
+        """Bytes the artifact of `digest` takes in the cache, as this process stored or read it
+        (0 if it never did: an artifact that could not be stored takes no disk)."""
+        return self._sizes.get(digest, 0)
+
+    def collect_interval(self) -> float:
+        """Seconds between passes: well inside `min_age_s`, so leases never lapse."""
+        return min(COLLECT_INTERVAL_S, max(MIN_COLLECT_INTERVAL_S, self.min_age_s / 4))
+
+    def collect(self) -> int:
+        """One pass: lease what this process holds, delete what nobody used for `min_age_s`,
+        then evict over `max_bytes`. Returns the artifacts deleted. Blocking; never raises
+        OSError (a pass that cannot list the folder deletes nothing)."""
+        if not self.usable:
+            return 0
+        held = self._held()
+        for digest in held:
+            _stamp_last_use(self._paths(digest)[0])
+        entries = _scan(self.directory)
+        old_before = time.time_ns() - int(self.min_age_s * 1e9)
+        deleted = 0
+        for digest, entry in list(entries.items()):
+            unused = digest not in held and entry.last_use_ns < old_before
+            if unused and self._remove(digest, entry):
+                deleted += 1
+                del entries[digest]
+        deleted += self._evict_over_bound(entries, held=held)
+        return deleted + self._collect_other_engines(old_before)
+
+    def _held(self) -> set[str]:
+        """Digests this process holds a module of (list() snapshots the weak mapping)."""
+        return set(list(self._in_memory.keys()))
+
+    def _collect_other_engines(self, old_before_ns: int) -> int:
+        """Artifacts of other engine builds (an older wasmtime, other settings) that nobody
+        used since `old_before_ns`; a folder goes once it has been empty as long. Processes of
+        that build, sharing the folder, lease theirs as this one does."""
+        deleted = 0
+        try:
+            with os.scandir(self.directory.parent) as listing:
+                folders = [
+                    Path(item.path)
+                    for item in listing
+                    if ENGINE_FOLDER_RE.fullmatch(item.name)
+                    and item.name != self.directory.name
+                    and item.is_dir(follow_symlinks=False)
+                    and item.stat(follow_symlinks=False).st_uid == os.geteuid()
+                ]
+        except OSError:
+            return 0
+        for folder in folders:
+            for digest, entry in _scan(folder).items():
+                if entry.last_use_ns < old_before_ns and all(
+                    _unlink(folder / f"{digest}{suffix}")
+                    for suffix in (RECORD_SUFFIX, ARTIFACT_SUFFIX)
+                ):
+                    deleted += 1
+            with contextlib.suppress(OSError):
+                if os.lstat(folder).st_mtime_ns < old_before_ns:  # emptied a pass ago, at least
+                    folder.rmdir()  # fails unless empty
+        return deleted
+
+    def _evict_over_bound(self, entries: dict[str, _Entry], *, held: set[str]) -> int:
+        """Delete artifacts this process does not hold, least recently used first, until the
+        folder is within `max_bytes`. Returns how many were deleted."""
+        total = sum(entry.bytes for entry in entries.values())
+        deleted = 0
+        by_last_use = sorted(entries.items(), key=lambda item: (item[1].last_use_ns, item[0]))
+        for digest, entry in by_last_use:
+            if total <= self.max_bytes:
+                break
+            if digest not in held and self._remove(digest, entry):
+                total -= entry.bytes
+                deleted += 1
+        over = total > self.max_bytes
+        if over and not self._over_bound:
+            log.warning(
+                "artifact cache %s holds %d bytes of artifacts in use, over its bound of %d"
+                " (--cache-max-bytes): raise it, or lower tenants' max_artifact_bytes",
+                self.directory,
+                total,
+                self.max_bytes,
+            )
+        self._over_bound = over
+        return deleted
+
+    def _remove(self, digest: str, seen: _Entry) -> bool:
+        """Delete one artifact and its record, unless it was used since `seen` was taken.
+
+        Under its lock, without waiting: a digest being loaded or stored in this process now
+        is in use. The record goes first: a reader then finds a plain miss.
+        """
+        lock = self._lock_for(digest)
+        if not lock.acquire(blocking=False):
+            return False
+        try:
+            artifact, record_path = self._paths(digest)
+            if digest in self._in_memory:
+                return False
+            try:
+                if os.stat(artifact).st_mtime_ns != seen.last_use_ns:
+                    return False  # loaded, leased or rewritten since the scan
+            except FileNotFoundError:
+                pass  # a record alone
+            except OSError:
+                return False
+            if not (_unlink(record_path) and _unlink(artifact)):
+                return False
+            self._sizes.pop(digest, None)
+            self.collected += 1
+            log.info("artifact %s collected (%d bytes)", digest[:16], seen.bytes)
+            return True
+        finally:
+            lock.release()
+
+
+@dataclass(slots=True)
+class _Entry:
+    """One digest's files as a pass saw them: bytes of artifact and record, last use (mtime)."""
+
+    bytes: int = 0
+    last_use_ns: int = 0
+
+
+def _scan(folder: Path) -> dict[str, _Entry]:
+    """Every artifact in `folder` with its bytes and last use; old temp files removed."""
+    entries: dict[str, _Entry] = {}
+    stale_before = time.time_ns() - int(STALE_TEMP_S * 1e9)
+    try:
+        with os.scandir(folder) as listing:
+            for item in listing:
+                digest, suffix = os.path.splitext(item.name)
+                try:
+                    info = item.stat(follow_symlinks=False)
+                except OSError:
+                    continue  # deleted meanwhile
+                if suffix == TEMP_SUFFIX:
+                    if info.st_mtime_ns < stale_before:
+                        _unlink(Path(item.path))
+                    continue
+                if suffix not in (ARTIFACT_SUFFIX, RECORD_SUFFIX):
+                    continue
+                entry = entries.setdefault(digest, _Entry())
+                entry.bytes += info.st_size
+                if suffix == ARTIFACT_SUFFIX:
+                    entry.last_use_ns = info.st_mtime_ns
+                elif entry.last_use_ns == 0:
+                    entry.last_use_ns = info.st_mtime_ns  # a record alone: a torn write
+    except OSError as exc:
+        log.warning("artifact cache %s could not be listed: %s", folder, exc)
+    return entries
+
+
+def _private_folder(folder: Path) -> bool:
+    """Create `folder` (and its parent, if missing) 0700, or check an existing one is private.
+
+    True if the cache may use it. One owned by this uid but open to others is made 0700 (a
+    wider umask or an operator's chmod); one that is a link, not a folder, or another uid's
+    is refused: its artifacts would be native code someone else could have written.
+    """
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True, mode=PRIVATE_MODE)
+        folder.mkdir(exist_ok=True, mode=PRIVATE_MODE)
+        info = os.lstat(folder)
+    except OSError as exc:  # a read-only cache costs speed, not service
+        log.warning("artifact cache %s unusable (%s); compiling every module", folder, exc)
+        return False
+    if not stat.S_ISDIR(info.st_mode):
+        log.error(
+            "artifact cache %s is not a folder (a link?): not used; compiling every module", folder
+        )
+        return False
+    if info.st_uid != os.geteuid():
+        log.error(
+            "artifact cache %s belongs to uid %d, not this server's (%d): not used, compiling"
+            " every module; the cache must be writable by the server alone",
+            folder,
+            info.st_uid,
+            os.geteuid(),
+        )
+        return False
+    if info.st_mode & 0o077:
+        try:
+            os.chmod(folder, PRIVATE_MODE)
+        except OSError as exc:
+            log.error(
+                "artifact cache %s is open to other users (mode %o) and could not be made"
+                " private (%s): not used; compiling every module",
+                folder,
+                stat.S_IMODE(info.st_mode),
+                exc,
+            )
+            return False
+        log.warning(
+            "artifact cache %s was open to other users (mode %o); made private (0700): only"
+            " the server may write compiled artifacts",
+            folder,
+            stat.S_IMODE(info.st_mode),
+        )
+    return True
+
+
+def _stamp_last_use(artifact: Path) -> None:
+    """Set the artifact's mtime to now: its last use (a metadata write, no data)."""
+    now = time.time_ns()
+    with contextlib.suppress(OSError):  # gone, or a read-only cache: it is then simply older
+        os.utime(artifact, ns=(now, now))
+
+
+def _unlink(path: Path) -> bool:
+    """True if `path` is gone (deleted now, or already)."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:
+        log.warning("could not delete %s: %s", path.name, exc)
+        return False
+    return True
 
 
 def _file_crc32(file: BinaryIO) -> int:

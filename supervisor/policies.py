@@ -144,6 +144,9 @@ _LIMITS: Mapping[str, _Limit] = MappingProxyType(
         "max_outbound_requests": _Limit(0, 10_000),
         "max_outbound_response_bytes": _Limit(0, 1 * GiB, size=True),
         "max_outbound_concurrency": _Limit(1, 10_000),
+        # Bytes of compiled artifacts the tenant's modules in force may take in the cache: an
+        # artifact can be 30x its module. 1MiB fits small guests; 64GiB is a node's disk.
+        "max_artifact_bytes": _Limit(1 * MiB, 64 * GiB, size=True),
     }
 )
 
@@ -194,6 +197,7 @@ class Policy:
     max_outbound_requests: int = 16
     max_outbound_response_bytes: int = 4 * MiB
     max_outbound_concurrency: int = 16
+    max_artifact_bytes: int = 512 * MiB
     admin_token_sha256: str | None = None
 
     def __post_init__(self) -> None:

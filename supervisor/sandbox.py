@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import struct
 import threading
 import time
@@ -412,6 +413,9 @@ def _trap_error(exc: Trap, memory_bytes: int, limits: GuestLimits) -> GuestError
 
 
 def _instantiation_error(exc: Exception, limits: GuestLimits) -> GuestError:
+    if isinstance(exc, wasmtime_ext.VolumeUnavailable):
+        log.error("%s: %r: %s", exc, exc.host_dir, _open_failure(exc.host_dir))
+        return GuestTrap(f"guest failed to start: {exc}")
     message = _first_line(exc)
     if "memory" in message and "limit" in message:
         return GuestMemoryExhausted(
@@ -420,6 +424,15 @@ def _instantiation_error(exc: Exception, limits: GuestLimits) -> GuestError:
     if isinstance(exc, Trap) and exc.trap_code == TrapCode.OUT_OF_FUEL:
         return GuestFuelExhausted(f"guest ran out of fuel ({limits.fuel} units) while starting")
     return GuestTrap(f"guest failed to start: {message}")
+
+
+def _open_failure(folder: bytes) -> str:
+    """Why `folder` cannot be opened now (wasmtime does not say), for the log."""
+    try:
+        os.close(os.open(folder, os.O_RDONLY | os.O_DIRECTORY))
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return "it opens now"
 
 
 def _first_line(exc: Exception) -> str:

@@ -34,8 +34,16 @@ sent, or a broken or late body make the response carry `Connection: close`; a ch
 found larger while dropping it closes the connection after the response.
 
 Resource handling: every connection's socket is closed in a `finally`; the listeners are
-closed when `serve` stops accepting. At most `max_connections` sockets are open at once: past
-that, new connections wait in the kernel's backlog.
+closed when `serve` stops accepting. At most `max_connections` sockets are open at once (the
+caller derives it from RLIMIT_NOFILE, so accept never meets EMFILE). At that limit a client
+waiting to connect takes the place of the oldest idle connection of the client holding the
+most idle ones, so a flood of idle connections cannot lock others out (`/healthz` keeps
+answering); a connection still sending its head counts as idle there (a slow-head flood is
+one too). Only when every connection is busy does a new one wait in the kernel's backlog.
+No client keeps more than `max_idle_per_client` idle keep-alive connections: past that, its
+oldest idle one is closed. A connection still waiting for its first request does not count
+against that cap (its bytes may be on their way: a client that opens several connections at
+once is not hoarding); `head_timeout_s` and the limit above bound those.
 
 Error handling: a client that resets or vanishes ends its connection quietly
 (`trio.BrokenResourceError`, logged at debug). Protocol errors are answered with h11's
@@ -54,7 +62,7 @@ import itertools
 import logging
 import os
 import re
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from http import HTTPStatus
 
@@ -106,6 +114,10 @@ IDLE_SWEEP_S = 0.5
 FIRST_REQUEST_GRACE_S = 1.0
 DRAIN_SWEEP_S = 0.05  # while draining, shutdown waits on the sweeper: check more often
 
+# At the connection limit with nothing idle to close, a waiting client is given the next free
+# place; this often the accept loop looks again for a connection that has become idle since.
+ROOM_RETRY_S = 0.1
+
 # accept() fails with these when the process or kernel is out of descriptors or memory; like
 # trio's serve_listeners, wait this long and retry, since closing connections free some.
 ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
@@ -129,10 +141,9 @@ FIELD_VALUE = re.compile(
 # RFC 9112 §4: reason-phrase = *( HTAB / SP / VCHAR / obs-text ).
 REASON_PHRASE = re.compile(rb"[\t \x21-\x7e\x80-\xff]*")
 REASONS = {status.value: status.phrase.encode("ascii") for status in HTTPStatus}
-# Bytes of a request head around its parts: "  HTTP/1.1\r\n" and "\r\n" at the end; each
-# header line adds ": " and "\r\n".
-REQUEST_LINE_OVERHEAD = 14
-HEADER_LINE_OVERHEAD = 4
+# RFC 9112 §3.2.2: an absolute-form target (what a client sends to a proxy, and a server
+# must accept) is an absolute URI; for http and https, its authority replaces Host (§7.2).
+ABSOLUTE_FORM = re.compile(r"(?i:https?)://([^/?#]*)([^#]*)")
 
 PLAIN_TEXT = (b"content-type", b"text/plain; charset=utf-8")
 
@@ -146,7 +157,15 @@ class ServerConfig:
     keep_alive_timeout_s: float = 5.0
     body_timeout_s: float = 30.0
     grace_period_s: float = 30.0  # for in-flight requests once shutdown starts
-    max_connections: int = 10_000
+    max_connections: int = 10_000  # sockets open at once; app.py lowers it to fit RLIMIT_NOFILE
+    # Idle connections one client address may hold: a browser opens 6, a proxy's pool a few
+    # dozen; more is a client hoarding places (past it, its oldest idle one is closed).
+    max_idle_per_client: int = 64
+
+    def __post_init__(self) -> None:
+        for name in ("max_connections", "max_idle_per_client"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
 
 @dataclass(slots=True)
@@ -154,7 +173,7 @@ class Request:
     """One request head, decoded once for everything downstream (latin-1 keeps bytes 1:1)."""
 
     method: str
-    target: str  # raw target as sent, e.g. "/demo/hello?x=1"
+    target: str  # as sent, e.g. "/demo/hello?x=1"; an absolute-form one in origin form
     path: str  # target before '?'
     query: str  # after '?', "" if none
     has_query: bool
@@ -223,7 +242,7 @@ class RequestBody:
                     chunks.append(event.data)
                 elif type(event) is h11.EndOfMessage:
                     return b"".join(chunks)
-                elif not await conn.receive(deadline):
+                elif await conn.receive(deadline) is None:
                     self._failed = True
                     raise RequestTimeout("request body not received in time")
         except h11.RemoteProtocolError as exc:
@@ -253,6 +272,22 @@ class RequestBody:
 Handler = Callable[[Request, RequestBody], Awaitable[Response]]
 
 
+class _Client:
+    """The connections of one client address: how many are open, which are idle."""
+
+    __slots__ = ("connections", "idle", "new", "reading")
+
+    def __init__(self) -> None:
+        self.connections = 0
+        # Waiting for a request, in the order they began to (a dict keeps insertion order):
+        # after a response (kept alive), and before the first request (just accepted).
+        self.idle: dict[_Connection, None] = {}
+        self.new: dict[_Connection, None] = {}
+        # Waiting for the rest of a head that came in part: closed at the connection limit
+        # like idle ones (a slow head holds a place as long), but never swept as idle.
+        self.reading: dict[_Connection, None] = {}
+
+
 class _Server:
     """State shared by the connections of one `serve` call."""
 
@@ -261,7 +296,7 @@ class _Server:
         self.config = config
         self.slots = trio.Semaphore(config.max_connections)
         self.closing = False
-        self.idle: set[_Connection] = set()  # waiting for a request's first bytes
+        self.clients: dict[str, _Client] = {}  # by address, while it has a connection open
         # Request ids: a random prefix per `serve` and a counter, unique without a syscall.
         self._id_prefix = os.urandom(4).hex()
         self._ids = itertools.count()
@@ -269,10 +304,16 @@ class _Server:
     def new_request_id(self) -> str:
         return f"{self._id_prefix}{next(self._ids) & 0xFFFFFFFF:08x}"
 
+    def idle_connections(self) -> Iterator[_Connection]:
+        """Every connection waiting for a request, the first one included."""
+        for client in self.clients.values():
+            yield from client.idle
+            yield from client.new
+
     async def accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
         server_port = listener.socket.getsockname()[1]
         while True:
-            await self.slots.acquire()
+            await self._take_slot(listener)
             try:
                 stream = await listener.accept()
             except OSError as exc:
@@ -287,9 +328,42 @@ class _Server:
                 raise
             nursery.start_soon(self.serve_connection, stream, server_port)
 
+    async def _take_slot(self, listener: trio.SocketListener) -> None:
+        """A place for the next connection; at the limit, made by closing an idle one."""
+        while True:
+            try:
+                self.slots.acquire_nowait()
+                return
+            except trio.WouldBlock:
+                pass
+            await trio.lowlevel.wait_readable(listener.socket)  # a client waits to connect
+            if self.close_most_idle():
+                await self.slots.acquire()  # freed as soon as the closed connection ends
+                return
+            with trio.move_on_after(ROOM_RETRY_S):
+                await self.slots.acquire()
+                return
+
+    def close_most_idle(self) -> bool:
+        """Close the oldest idle connection of the client holding the most; False if none.
+
+        A kept-alive one goes before one still waiting for its first request, whose bytes
+        may be arriving as it is chosen, and that before one still sending its head.
+        """
+        client = max(self.clients.values(), key=_idle_count, default=None)
+        if client is None or not _idle_count(client):
+            return False
+        _close_oldest(client.idle or client.new or client.reading)
+        return True
+
     async def serve_connection(self, stream: trio.SocketStream, server_port: int) -> None:
+        client_addr = _peer_ip(stream)
+        client = self.clients.get(client_addr)
+        if client is None:
+            client = self.clients[client_addr] = _Client()
+        client.connections += 1
         try:
-            conn = _Connection(self, stream, server_port)
+            conn = _Connection(self, stream, server_port, client_addr, client)
             with conn.scope:
                 await conn.run()
         except trio.BrokenResourceError as exc:
@@ -297,17 +371,20 @@ class _Server:
         except Exception:
             log.exception("connection failed")
         finally:
+            client.connections -= 1
+            if not client.connections:
+                del self.clients[client_addr]
             self.slots.release()
             await trio.aclose_forcefully(stream)
 
     async def sweep_idle(self) -> None:
         """Close connections idle past their deadline (while draining: until none is idle)."""
         while True:
-            if self.closing and not self.idle:
+            if self.closing and next(self.idle_connections(), None) is None:
                 return
             await trio.sleep(DRAIN_SWEEP_S if self.closing else IDLE_SWEEP_S)
             now = trio.current_time()
-            for conn in self.idle:
+            for conn in self.idle_connections():
                 if conn.idle_deadline <= now:
                     conn.scope.cancel()
 
@@ -315,13 +392,27 @@ class _Server:
         """Close idle connections now (new ones soon); busy ones close after their response."""
         self.closing = True
         grace_deadline = trio.current_time() + FIRST_REQUEST_GRACE_S
-        for conn in self.idle:
+        idle_count = 0
+        for conn in self.idle_connections():
+            idle_count += 1
             if conn.fresh:
                 conn.idle_deadline = min(conn.idle_deadline, grace_deadline)
             else:
                 conn.scope.cancel()
         open_count = self.config.max_connections - self.slots.value
-        log.info("shutting down: %d connection(s) open, %d idle", open_count, len(self.idle))
+        log.info("shutting down: %d connection(s) open, %d idle", open_count, idle_count)
+
+
+def _idle_count(client: _Client) -> int:
+    return len(client.idle) + len(client.new) + len(client.reading)
+
+
+def _close_oldest(waiting: dict[_Connection, None]) -> None:
+    """Close the connection waiting longest; it leaves `waiting` now, so it is never chosen
+    twice."""
+    conn = next(iter(waiting))
+    del waiting[conn]
+    conn.scope.cancel()
 
 
 class _Connection:
@@ -329,6 +420,7 @@ class _Connection:
 
     __slots__ = (
         "accepted_at",
+        "client",
         "client_addr",
         "eof",
         "fresh",
@@ -341,15 +433,23 @@ class _Connection:
         "stream",
     )
 
-    def __init__(self, server: _Server, stream: trio.SocketStream, server_port: int) -> None:
+    def __init__(
+        self,
+        server: _Server,
+        stream: trio.SocketStream,
+        server_port: int,
+        client_addr: str,
+        client: _Client,
+    ) -> None:
         self.server = server
         self.stream = stream
         self.server_port = server_port
+        self.client_addr = client_addr
+        self.client = client
         self.pending = b""  # bytes received and not yet parsed (the next request's)
         self.eof = False  # the client closed its side after `pending`
         self.h11: h11.Connection | None = None  # the current request's, when h11 parsed it
         self.fresh = True  # no request read yet
-        self.client_addr = _peer_ip(stream)
         self.accepted_at = trio.current_time()
         self.idle_deadline = self.accepted_at
         self.scope = trio.CancelScope()  # cancelled to close the connection while idle
@@ -375,12 +475,14 @@ class _Connection:
             first = False
             idle_deadline = trio.current_time() + config.keep_alive_timeout_s
 
-    async def receive(self, deadline: float) -> bool:
-        """Feed h11 the client's next bytes; False if none came by `deadline`."""
+    async def receive(self, deadline: float) -> bytes | None:
+        """Feed h11 the client's next bytes and return them (b"" at EOF); None if none came
+        by `deadline`."""
         with trio.move_on_at(deadline):
-            self.h11.receive_data(await self.stream.receive_some(RECEIVE_CHUNK_BYTES))
-            return True
-        return False
+            data = await self.stream.receive_some(RECEIVE_CHUNK_BYTES)
+            self.h11.receive_data(data)
+            return data
+        return None
 
     async def _read_head(self, idle_deadline: float, first: bool) -> _RawHead | None:
         """The next request head's parts, or None when the connection should just close."""
@@ -389,9 +491,16 @@ class _Connection:
         simple = parse_simple_head(self.pending)
         if simple is not None:
             self.pending = self.pending[simple.size :]
-            return simple.method, simple.target, simple.http_version, simple.headers
+            return (
+                simple.method,
+                simple.target,
+                simple.http_version,
+                simple.headers,
+                simple.size,
+            )
         self.h11 = h11_conn = _new_h11(self.server.config)
         h11_conn.receive_data(self.pending)
+        received = len(self.pending)
         if self.eof:
             h11_conn.receive_data(b"")
         self.pending = b""
@@ -399,14 +508,24 @@ class _Connection:
         if event is h11.NEED_DATA:
             start = self.accepted_at if first else trio.current_time()
             deadline = start + self.server.config.head_timeout_s
-            while event is h11.NEED_DATA:
-                if not await self.receive(deadline):
-                    log.debug("request head from %s not complete in time", self.client_addr)
-                    await self._send_error(HTTPStatus.REQUEST_TIMEOUT)
-                    return None
-                event = h11_conn.next_event()
+            reading = self.client.reading
+            reading[self] = None
+            try:
+                while event is h11.NEED_DATA:
+                    data = await self.receive(deadline)
+                    if data is None:
+                        log.debug("request head from %s not complete in time", self.client_addr)
+                        await self._send_error(HTTPStatus.REQUEST_TIMEOUT)
+                        return None
+                    received += len(data)
+                    event = h11_conn.next_event()
+            finally:
+                reading.pop(self, None)
         if type(event) is h11.Request:
-            return event.method, event.target, event.http_version, event.headers.raw_items()
+            # The head's size as sent, padding included: what h11 left unparsed follows it.
+            size = received - len(h11_conn.trailing_data[0])
+            headers = event.headers.raw_items()
+            return event.method, event.target, event.http_version, headers, size
         return None  # ConnectionClosed: the client is done
 
     async def _receive_idle(self, deadline: float) -> bool:
@@ -417,11 +536,18 @@ class _Connection:
         if server.closing:
             deadline = min(deadline, trio.current_time() + FIRST_REQUEST_GRACE_S)
         self.idle_deadline = deadline
-        server.idle.add(self)
+        if self.fresh:
+            waiting = self.client.new
+            waiting[self] = None
+        else:
+            waiting = self.client.idle
+            waiting[self] = None
+            if len(waiting) > server.config.max_idle_per_client:
+                _close_oldest(waiting)
         try:
             data = await self.stream.receive_some(RECEIVE_CHUNK_BYTES)
         finally:
-            server.idle.discard(self)
+            waiting.pop(self, None)
         if not data or self.scope.cancel_called:
             return False  # EOF, or swept as the bytes came: as if they came too late
         self.pending = data
@@ -433,26 +559,33 @@ class _Connection:
         target: bytes,
         http_version: bytes,
         raw_headers: Iterable[tuple[bytes, bytes]],
+        size: int,
     ) -> tuple[Request, RequestBody, bool]:
         """Decode the head; also say whether the client asked to keep the connection.
 
-        Raises h11.RemoteProtocolError: 431 for a head over `max_head_bytes` (h11 bounds only
-        a head still incomplete, so one that came in a single read is measured here); 400 for
-        both Content-Length and Transfer-Encoding, which RFC 9112 §6.1 lets a server refuse
-        since a proxy in front may have framed it the other way (request smuggling).
+        Raises h11.RemoteProtocolError: 431 for a head over `max_head_bytes`, counted in bytes
+        as received, whitespace padding included (h11 bounds only a head still incomplete, so
+        one that came in a single read is measured here); 400 for both Content-Length and
+        Transfer-Encoding, which RFC 9112 §6.1 lets a server refuse since a proxy in front may
+        have framed it the other way (request smuggling); 400 for Transfer-Encoding in an
+        HTTP/1.0 request, whose framing §6.1 says is faulty (§6.3: 400, then close); 400 for
+        an absolute-form target without a host or with userinfo (RFC 9110 §4.2.1, §4.2.4).
         """
+        if size > self.server.config.max_head_bytes:
+            raise h11.RemoteProtocolError(f"head of {size} bytes", error_status_hint=431)
         target_text = target.decode("latin-1")
+        authority = None
+        if target_text[:1] != "/":
+            target_text, authority = _origin_form(target_text)
         path, has_query, query = target_text.partition("?")
         headers = []
         host = ""
         content_length = None
         chunked = False
         connection = None
-        size = len(method) + len(target) + REQUEST_LINE_OVERHEAD
         for raw_name, raw_value in raw_headers:
             name = raw_name.lower().decode("latin-1")
             value = raw_value.decode("latin-1")
-            size += len(raw_name) + len(raw_value) + HEADER_LINE_OVERHEAD
             headers.append((name, value))
             if name == "host":
                 host = value
@@ -462,17 +595,21 @@ class _Connection:
                 chunked = True  # h11 refuses every coding but chunked (501)
             elif name == "connection":
                 connection = value.lower()
-        if size > self.server.config.max_head_bytes:
-            raise h11.RemoteProtocolError(f"head of {size} bytes", error_status_hint=431)
+        version = http_version.decode("ascii")
         if chunked:
             if content_length is not None:
                 raise h11.RemoteProtocolError("both Content-Length and Transfer-Encoding")
+            if version < "1.1":
+                raise h11.RemoteProtocolError("Transfer-Encoding in an HTTP/1.0 request")
         elif not content_length:
             # No body (RFC 9112 §6.3): the request is complete. h11's EndOfMessage is left
             # unread (it consumes no bytes): `_exchange` knows the body is done, and the next
             # head is parsed from the bytes after this one.
             content_length = 0
-        version = http_version.decode("ascii")
+        if authority is not None:
+            # RFC 9112 §3.2.2: the target's authority, not the Host header, names the host.
+            host = authority
+            headers = [(name, authority if name == "host" else value) for name, value in headers]
         # RFC 9112 §9.3: HTTP/1.1 persists unless "close"; HTTP/1.0 only with "keep-alive".
         if connection is None:
             keep_alive = version >= "1.1"
@@ -563,7 +700,7 @@ class _Connection:
                         return False
                 elif type(event) is h11.EndOfMessage:
                     return True
-                elif not await self.receive(deadline):
+                elif await self.receive(deadline) is None:
                     return False
         except h11.RemoteProtocolError as exc:
             log.debug("bad request body from %s: %s", self.client_addr, exc)
@@ -584,12 +721,30 @@ class _Connection:
             return
 
 
-_RawHead = tuple[bytes, bytes, bytes, Iterable[tuple[bytes, bytes]]]
-"""A head's method, target, HTTP version and headers (names as sent), from either parser."""
+_RawHead = tuple[bytes, bytes, bytes, Iterable[tuple[bytes, bytes]], int]
+"""A head's method, target, HTTP version, headers (names as sent) and size in bytes as
+received, from either parser."""
 
 
 def _new_h11(config: ServerConfig) -> h11.Connection:
     return h11.Connection(h11.SERVER, max_incomplete_event_size=config.max_head_bytes)
+
+
+def _origin_form(target: str) -> tuple[str, str | None]:
+    """An absolute-form http(s) target as (path and query, authority); any other target
+    as it is, with no authority (it matches no route).
+
+    Raises h11.RemoteProtocolError (400) for an http(s) URI without a host or with userinfo.
+    """
+    absolute = ABSOLUTE_FORM.fullmatch(target)
+    if absolute is None:
+        return target, None
+    authority, rest = absolute.groups()
+    if not authority or authority.startswith(":"):
+        raise h11.RemoteProtocolError("absolute-form target without a host")
+    if "@" in authority:
+        raise h11.RemoteProtocolError("absolute-form target with userinfo")
+    return ("/" + rest if rest[:1] != "/" else rest), authority
 
 
 def _tokens(value: str) -> list[str]:

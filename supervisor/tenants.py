@@ -453,6 +453,7 @@ class TenantRegistry:
             for route in own_routes:
                 _claim(owners, route.pattern, owner, source)
             routes += own_routes
+        _check_artifact_bytes(self.cache, compiled.values(), policy, source=f"tenant {name}")
         return Tenant(
             name=name,
             policy=policy,
@@ -572,6 +573,24 @@ def check_module_binary(binary: bytes, *, name: str, memory_limit: int) -> None:
         raise ModuleRejected(
             f"{name}: initial memory of {info.initial_memory_bytes} bytes exceeds the tenant's "
             f"memory_bytes ({memory_limit})"
+        )
+
+
+def _check_artifact_bytes(
+    cache: ArtifactCache, modules: Iterable[CompiledModule], policy: Policy, *, source: str
+) -> None:
+    """Refuse a tenant whose modules' compiled artifacts exceed its `max_artifact_bytes`.
+
+    Artifacts in use cannot be evicted from the cache (modules.py), so this bound is what keeps
+    one tenant from filling it; a module shared by tenants counts for each of them.
+    """
+    total = sum(cache.artifact_bytes(sha256) for sha256 in {module.sha256 for module in modules})
+    if total > policy.max_artifact_bytes:
+        raise ConfigError(
+            source,
+            "max_artifact_bytes",
+            f"its modules' compiled artifacts would take {total} bytes of the artifact cache,"
+            f" over max_artifact_bytes ({policy.max_artifact_bytes})",
         )
 
 

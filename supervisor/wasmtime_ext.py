@@ -137,6 +137,15 @@ def _check(error: int | None) -> None:
         raise wasmtime.WasmtimeError._from_ptr(ctypes.cast(error, _ERROR_POINTER))
 
 
+class VolumeUnavailable(wasmtime.WasmtimeError):
+    """A volume's folder could not be opened. The message names the guest path only: the
+    host folder (`host_dir`) is for the log, never for a client."""
+
+    def __init__(self, host_dir: bytes, guest_path: bytes) -> None:
+        super().__init__(f"cannot open the volume at {guest_path.decode(errors='replace')}")
+        self.host_dir = host_dir
+
+
 class GuestStore:
     """One request's store: created, configured, run and deleted through the C API.
 
@@ -185,7 +194,7 @@ class GuestStore:
                 _wasi_set_stdin_bytes(config, ctypes.byref(vec))  # takes the vector's buffer
             for host_dir, guest_path in preopens:
                 if not _wasi_preopen_dir(config, host_dir, guest_path, False):
-                    raise wasmtime.WasmtimeError(f"cannot open volume {host_dir!r}")
+                    raise VolumeUnavailable(host_dir, guest_path)
         finally:
             # set_wasi takes ownership of the config, even on error.
             _check(_set_wasi(self._context, config))

@@ -43,6 +43,7 @@ times the slots of one worker. Tenant `max_concurrency` is pod-wide (pod_limits.
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import functools
 import itertools
 import logging
@@ -131,7 +132,12 @@ class Handoff:
 
 
 def run_worker(config: app.AppConfig, handoff: Handoff) -> None:
-    """The `worker` command: serve on the inherited sockets until told to stop."""
+    """The `worker` command: serve on the inherited sockets until told to stop.
+
+    A fatal signal (SIGSEGV, SIGBUS, ...) prints every thread's Python stack to stderr first
+    (faulthandler), which the supervisor's log carries: the request a guest thread was serving.
+    """
+    faulthandler.enable()
     trio.run(_run_worker, config, handoff)
 
 
@@ -609,10 +615,24 @@ async def _get_metrics(path: Path) -> str:
     return body.decode("utf-8")
 
 
+MAPPED_FILE_FAULTS = frozenset({signal.SIGBUS, signal.SIGSEGV})
+"""How a worker dies when a file it has mapped changes under it: wasmtime maps each compiled
+artifact it loads (modules.py), and a truncated one faults with SIGBUS, a rewritten one with
+SIGSEGV or worse. Nothing else a worker does maps shared files."""
+
+
 def _describe(returncode: int) -> str:
-    if returncode < 0:
-        return f"signal {signal.Signals(-returncode).name}"
-    return f"exit {returncode}"
+    """How a worker ended, with the likely cause when the signal has one."""
+    if returncode >= 0:
+        return f"exit {returncode}"
+    signum = signal.Signals(-returncode)
+    if signum in MAPPED_FILE_FAULTS:
+        return (
+            f"signal {signum.name}: likely a compiled artifact changed or truncated on disk"
+            " while the worker had it mapped; the artifact cache must be writable by the"
+            " server alone"
+        )
+    return f"signal {signum.name}"
 
 
 async def supervise(config: app.AppConfig, workers: int, worker_args: Sequence[str]) -> int:

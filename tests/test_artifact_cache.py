@@ -12,9 +12,13 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import json
+import logging
 import os
+import shutil
+import stat
 import subprocess
 import sys
+import time
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,7 +29,14 @@ import wasmtime
 from conftest import DEMO, Workspace
 from test_lifecycle import serve_process
 
-from supervisor.modules import ARTIFACT_SUFFIX, RECORD_SUFFIX, ArtifactCache, CompiledModule
+from supervisor.modules import (
+    ARTIFACT_SUFFIX,
+    DEFAULT_MIN_AGE_S,
+    RECORD_SUFFIX,
+    STALE_TEMP_S,
+    ArtifactCache,
+    CompiledModule,
+)
 from supervisor.sandbox import GuestLimits, Sandbox
 
 HELLO = wasmtime.wat2wasm((DEMO / "hello.wat").read_text())
@@ -286,3 +297,164 @@ def test_an_artifact_is_found_by_its_digest_alone_and_still_verified(tmp_path, s
     corrupted = new_cache(tmp_path, sandbox)
     assert corrupted.load_cached(compiled.sha256, size=compiled.size) is None
     assert corrupted.rebuilt == 1
+
+
+# Bounded and collected (issue 10, item 9) -----------------------------------------------------
+
+
+def greeting_module(text: str) -> bytes:
+    """A small module of its own content (its own digest, its own artifact). It answers `text`
+    padded with NUL bytes to the greeting's length (the demo writes a fixed length)."""
+    return wasmtime.wat2wasm((DEMO / "hello.wat").read_text().replace("hello from wasm", text))
+
+
+def stored(cache: ArtifactCache) -> set[str]:
+    """Digests with an artifact in the cache folder."""
+    return {path.stem for path in cache.directory.glob(f"*{ARTIFACT_SUFFIX}")}
+
+
+def age(cache: ArtifactCache, sha256: str, seconds: float) -> None:
+    """Make an artifact's last use `seconds` ago, as a pass long after it would see it."""
+    artifact, _ = artifact_of(cache, sha256)
+    then = time.time_ns() - int(seconds * 1e9)
+    os.utime(artifact, ns=(then, then))
+
+
+def test_an_artifact_nobody_used_for_min_age_is_collected_and_a_held_one_stays(tmp_path, sandbox):
+    cache = ArtifactCache(tmp_path, sandbox.engine, sandbox.settings, min_age_s=600)
+    dropped = cache.load(greeting_module("dropped"), name="dropped.wat")
+    kept = cache.load(greeting_module("kept"), name="kept.wat")
+    dropped_sha = dropped.sha256
+    del dropped  # nothing in this process holds it any more
+    assert cache.collect() == 0  # just written: another process may be about to load it
+    assert stored(cache) == {dropped_sha, kept.sha256}
+
+    age(cache, dropped_sha, 601)
+    age(cache, kept.sha256, 601)  # held by this process: old on disk, still in use
+    assert cache.collect() == 1
+    assert stored(cache) == {kept.sha256}
+    assert not artifact_of(cache, dropped_sha)[1].exists()  # its record went too
+    assert answer(sandbox, kept).rstrip(b"\0") == b"kept\n"
+
+    # The pass leased what this process holds: another process sharing the folder, which
+    # holds nothing, leaves it alone.
+    other = ArtifactCache(tmp_path, sandbox.engine, sandbox.settings, min_age_s=600)
+    assert other.collect() == 0
+    assert stored(other) == {kept.sha256}
+    assert cache.collected == 1
+
+
+def test_over_its_bound_the_cache_evicts_the_least_recently_used_artifact_first(
+    tmp_path, sandbox, caplog
+):
+    sources = {name: greeting_module(name) for name in ("one", "two", "three")}
+    digests = {name: hashlib.sha256(source).hexdigest() for name, source in sources.items()}
+    probe = ArtifactCache(tmp_path / "probe", sandbox.engine, sandbox.settings)
+    probe.load(sources["one"], name="one.wat")
+    one_artifact = sum(path.stat().st_size for path in probe.directory.iterdir())
+    # Room for two artifacts (with their records), not three: the greetings differ by a byte.
+    bound = int(2.5 * one_artifact)
+    cache = ArtifactCache(tmp_path, sandbox.engine, sandbox.settings, max_bytes=bound)
+
+    cache.load(sources["one"], name="one.wat")
+    cache.load(sources["two"], name="two.wat")
+    # Nothing holds them now; "one" is loaded again, from its artifact: "two" is older.
+    again = ArtifactCache(tmp_path, sandbox.engine, sandbox.settings)
+    assert again.load(sources["one"], name="one.wat").cache_hit
+    del again
+    held = cache.load(sources["three"], name="three.wat")  # a third is stored: over the bound
+    assert stored(cache) == {digests["one"], digests["three"]}
+    assert cache.collected == 1
+
+    # What this process holds is never evicted, even over the bound: it would free no disk
+    # (the process keeps it mapped). The pass says so once.
+    cache.max_bytes = 1
+    with caplog.at_level(logging.WARNING, logger="supervisor.modules"):
+        assert cache.collect() == 1  # "one": nobody holds it
+        assert cache.collect() == 0
+    assert stored(cache) == {held.sha256}
+    assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
+    assert "over its bound" in caplog.records[0].message
+    assert answer(sandbox, held).rstrip(b"\0") == b"three\n"
+
+
+def test_another_engine_builds_artifacts_are_collected_then_its_folder(tmp_path, sandbox):
+    """After an upgrade of wasmtime (or a change of engine settings) the old folder is garbage."""
+    other = ArtifactCache(tmp_path, wasmtime.Engine(wasmtime.Config()), "no-fuel,no-epochs")
+    old_sha = other.load(HELLO, name="hello.wat").sha256
+    cache = new_cache(tmp_path, sandbox)
+    assert cache.directory != other.directory
+    cache.collect()
+    assert stored(other) == {old_sha}  # used just now, maybe by a process of that build
+
+    age(other, old_sha, DEFAULT_MIN_AGE_S + 1)
+    cache.collect()
+    assert list(other.directory.iterdir()) == []
+    then = time.time_ns() - int((DEFAULT_MIN_AGE_S + 1) * 1e9)
+    os.utime(other.directory, ns=(then, then))  # and empty that long
+    cache.collect()
+    assert not other.directory.exists()
+    assert cache.directory.exists()
+
+
+def test_a_crashed_writes_temp_file_is_removed_once_stale(tmp_path, sandbox):
+    cache = new_cache(tmp_path, sandbox)
+    leftover = cache.directory / f".{HELLO_SHA}{ARTIFACT_SUFFIX}.abc123.tmp"
+    fresh = cache.directory / f".{HELLO_SHA}{RECORD_SUFFIX}.def456.tmp"
+    leftover.write_bytes(b"half an artifact")
+    fresh.write_bytes(b"being written")
+    then = time.time_ns() - int((STALE_TEMP_S + 1) * 1e9)
+    os.utime(leftover, ns=(then, then))
+    cache.collect()
+    assert (leftover.exists(), fresh.exists()) == (False, True)
+
+
+# Private to the server (issue 10, item 11) ----------------------------------------------------
+
+
+def mode_of(path: Path) -> int:
+    return stat.S_IMODE(path.lstat().st_mode)
+
+
+def test_the_engine_folder_is_created_private_and_an_open_one_is_made_private(
+    tmp_path, sandbox, caplog
+):
+    root = tmp_path / "not-yet"
+    cache = new_cache(root, sandbox)
+    assert (mode_of(root), mode_of(cache.directory)) == (0o700, 0o700)
+    cache.load(HELLO, name="hello.wat")
+
+    cache.directory.chmod(0o777)  # a wide umask, an operator's chmod, or someone else's mkdir
+    with caplog.at_level(logging.WARNING, logger="supervisor.modules"):
+        reopened = new_cache(root, sandbox)
+    assert mode_of(reopened.directory) == 0o700
+    assert "was open to other users (mode 777); made private (0700)" in caplog.text
+    assert reopened.load(HELLO, name="hello.wat").cache_hit
+
+
+def test_an_engine_folder_of_another_user_or_a_link_is_never_read(tmp_path, sandbox, caplog):
+    new_cache(tmp_path / "elsewhere", sandbox).load(HELLO, name="hello.wat")
+    planted = new_cache(tmp_path / "elsewhere", sandbox).directory
+    root = tmp_path / "cache"
+    root.mkdir(mode=0o777)
+    engine_folder = root / planted.name
+    engine_folder.symlink_to(planted)  # someone who can write the mount planted artifacts
+    with caplog.at_level(logging.ERROR, logger="supervisor.modules"):
+        linked = new_cache(root, sandbox)
+    assert "is not a folder (a link?): not used" in caplog.text
+    loaded = linked.load(HELLO, name="hello.wat")
+    assert (loaded.cache_hit, linked.hits, linked.misses) == (False, 0, 1)
+    assert list(planted.iterdir()) and not linked.usable
+
+    if os.geteuid() != 0:
+        return  # only root can give a folder to another uid
+    engine_folder.unlink()
+    shutil.copytree(planted, engine_folder)
+    os.chown(engine_folder, 4242, 4242)
+    engine_folder.chmod(0o700)
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, logger="supervisor.modules"):
+        foreign = new_cache(root, sandbox)
+    assert f"belongs to uid 4242, not this server's ({os.geteuid()}): not used" in caplog.text
+    assert not foreign.load(HELLO, name="hello.wat").cache_hit
+    assert foreign.hits == 0

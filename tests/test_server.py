@@ -68,8 +68,14 @@ class Server:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    async def connect(self) -> Raw:
-        return Raw(await trio.open_tcp_stream("127.0.0.1", self.port))
+    async def connect(self, source: str | None = None) -> Raw:
+        """A connection from 127.0.0.1, or from `source` (another loopback address)."""
+        if source is None:
+            return Raw(await trio.open_tcp_stream("127.0.0.1", self.port))
+        sock = trio.socket.socket()
+        await sock.bind((source, 0))
+        await sock.connect(("127.0.0.1", self.port))
+        return Raw(trio.SocketStream(sock))
 
 
 @dataclass
@@ -163,6 +169,27 @@ async def test_query_absent_or_empty():
         empty = (await client.get(f"{server.url}/a?")).json()
     assert (bare["path"], bare["query"], bare["has_query"]) == ("/a", "", False)
     assert (empty["path"], empty["query"], empty["has_query"]) == ("/a", "", True)
+
+
+@pytest.mark.parametrize(
+    ("target", "path", "query", "host"),
+    [
+        ("http://a.test:8080/x/y?q=1", "/x/y", "q=1", "a.test:8080"),
+        ("HTTPS://A.test", "/", "", "A.test"),
+        ("http://a.test?q", "/", "q", "a.test"),
+    ],
+)
+async def test_absolute_form_target_gives_its_path_and_its_authority_as_host(
+    target: str, path: str, query: str, host: str
+):
+    """RFC 9112 §3.2.2: the target's authority replaces Host, for routing and for the guest."""
+    async with running(echo) as server:
+        raw = await server.connect()
+        await raw.send(f"GET {target} HTTP/1.1\r\nHost: other.test\r\n\r\n".encode())
+        seen = json.loads((await raw.reply()).body)
+        await raw.close()
+    assert (seen["path"], seen["query"], seen["host"]) == (path, query, host)
+    assert ["host", host] in seen["headers"]
 
 
 async def test_request_ids_differ():
@@ -666,25 +693,74 @@ async def test_body_not_sent_in_time_gets_408(autojump_clock):
 # --- limits and shutdown ----------------------------------------------------------------
 
 
-async def test_connections_past_the_limit_wait_for_a_free_slot():
+async def test_connections_past_the_limit_wait_while_every_one_is_busy():
     calls: list[str] = []
+    release = trio.Event()
 
-    async def counting(request: Request, body: RequestBody) -> Response:
+    async def busy_first(request: Request, body: RequestBody) -> Response:
         calls.append(request.path)
+        if request.path == "/first":
+            await release.wait()
         return Response(200, [], b"")
 
-    async with running(counting, ServerConfig(max_connections=1)) as server:
+    async with running(busy_first, ServerConfig(max_connections=1)) as server:
         first = await server.connect()
         await first.send(get("/first"))
-        await first.reply()
         second = await server.connect()  # the kernel completes it; the server does not accept
         await second.send(get("/second"))
         await trio.testing.wait_all_tasks_blocked()
         assert calls == ["/first"]
-        await first.close()
+        release.set()
+        assert (await first.reply()).status == 200
+        # Now idle, the first connection gives its place to the one waiting.
         assert (await second.reply()).status == 200
         assert calls == ["/first", "/second"]
+        assert await first.closed_by_server()
+        await first.close()
         await second.close()
+
+
+async def test_at_the_limit_a_new_connection_replaces_the_oldest_idle_of_the_biggest_holder():
+    async with running(hello, ServerConfig(max_connections=3)) as server:
+        quiet = await server.connect(source="127.0.0.3")
+        hoarder_old = await server.connect(source="127.0.0.2")
+        hoarder_new = await server.connect(source="127.0.0.2")
+        for raw in (quiet, hoarder_old, hoarder_new):  # served, in this order: now idle
+            await raw.send(get("/"))
+            assert (await raw.reply()).status == 200
+        newcomer = await server.connect(source="127.0.0.3")
+        await newcomer.send(get("/new"))
+        assert (await newcomer.reply()).body == b"hello /new"
+        assert await hoarder_old.closed_by_server()
+        for raw in (quiet, hoarder_new):
+            await raw.send(get("/again"))
+            assert (await raw.reply()).status == 200
+        for raw in (quiet, hoarder_old, hoarder_new, newcomer):
+            await raw.close()
+
+
+async def test_a_client_past_its_idle_cap_loses_its_oldest_idle_connections():
+    async with running(hello, ServerConfig(max_idle_per_client=2)) as server:
+        others = await server.connect(source="127.0.0.3")
+        await others.send(get("/"))
+        await others.reply()
+        mine = [await server.connect(source="127.0.0.2") for _ in range(4)]
+        for raw in mine:
+            await raw.send(get("/"))
+            assert (await raw.reply()).status == 200
+        for raw in mine[:2]:
+            assert await raw.closed_by_server()
+        for raw in [*mine[2:], others]:
+            await raw.send(get("/still-open"))
+            assert (await raw.reply()).status == 200
+        for raw in [*mine, others]:
+            await raw.close()
+
+
+@pytest.mark.parametrize("field", ["max_connections", "max_idle_per_client"])
+def test_connection_limits_below_one_are_refused(field: str):
+    with pytest.raises(ValueError, match=f"{field} must be at least 1, got 0"):
+        ServerConfig(**{field: 0})
 
 
 async def test_graceful_shutdown_finishes_in_flight_requests_and_refuses_new_ones():

@@ -41,10 +41,11 @@ from .rules import AllowList, address_allowed
 
 MAX_REDIRECTS = 10
 """Hops followed for one request (reqwest's and WAGI's default), each checked again."""
-MAX_CONNECTIONS = 256
+MAX_CONNECTIONS = 32
 """Outbound connections open at once in this process, all tenants, in use or kept alive: the
-descriptors the server's connection limit sets aside for them (app.py). Past it a new
-connection fails (11) until one closes."""
+descriptors the server's connection limit sets aside for them (app.py). A guest makes one
+call at a time, so those in use are at most the execution slots; the rest are kept alive for
+the next calls. Past it a new connection fails (11) until one closes."""
 KEEPALIVE_PER_POOL = 4
 """Idle connections a tenant's pool keeps for its next calls; more are closed when released."""
 KEEPALIVE_S = 30.0

@@ -9,6 +9,7 @@ which is the SSRF guard's exception; wildcards and names resolving to loopback a
 
 from __future__ import annotations
 
+import gc
 import http.server
 import logging
 import shutil
@@ -594,7 +595,8 @@ async def test_outbound_requests_are_counted_by_tenant_and_outcome(
 async def test_outbound_connections_of_the_process_are_bounded_and_given_back(
     workspace, start_supervisor, upstream, tls_upstream, monkeypatch
 ):
-    already = client.OPEN_CONNECTIONS.open  # servers of earlier tests, until collected
+    gc.collect()  # earlier tests' servers: their pools give their places back when collected
+    already = client.OPEN_CONNECTIONS.open
     monkeypatch.setattr(client, "MAX_CONNECTIONS", already + 1)
     origins = [f"http://127.0.0.1:{upstream.port}", f"https://127.0.0.1:{tls_upstream.port}"]
     add_tenant(workspace, origins, origins, "max_outbound_requests = 64")
