@@ -11,6 +11,10 @@ METRICS_PORT ?= 9464
 # prometheus.
 PROMETHEUS_DIR := .cache/prometheus
 PROMTOOL       := $(PROMETHEUS_DIR)/usr/bin/promtool
+# docker-registry (CNCF distribution 2.8.2) from Debian's `docker-registry` package, unpacked the
+# same way: the oci: tests push to and pull from a real registry on 127.0.0.1.
+REGISTRY_DIR    := .cache/docker-registry
+DOCKER_REGISTRY := $(REGISTRY_DIR)/usr/bin/docker-registry
 
 .PHONY: run test lint format bench bench-prometheus bench-attacks soak clean
 
@@ -27,6 +31,14 @@ $(PROMTOOL):
 	dpkg-deb -x $(PROMETHEUS_DIR)/prometheus_*.deb $(PROMETHEUS_DIR)
 	rm -f $(PROMETHEUS_DIR)/prometheus_*.deb
 
+$(DOCKER_REGISTRY):
+	mkdir -p $(REGISTRY_DIR)
+	cd $(REGISTRY_DIR) && \
+		{ apt-get download docker-registry || \
+			{ apt-get update -qq && apt-get download docker-registry; }; }
+	dpkg-deb -x $(REGISTRY_DIR)/docker-registry_*.deb $(REGISTRY_DIR)
+	rm -f $(REGISTRY_DIR)/docker-registry_*.deb
+
 run: $(VENV)/.installed
 	PORT=$(PORT) $(VENV)/bin/wasm-supervisor serve --listen 127.0.0.1:$(PORT) \
 		--tenants tenants --policies policies --metrics-listen 127.0.0.1:$(METRICS_PORT)
@@ -39,7 +51,7 @@ format: $(VENV)/.installed
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-test: lint $(PROMTOOL)
+test: lint $(PROMTOOL) $(DOCKER_REGISTRY)
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.installed

@@ -15,8 +15,9 @@ An upload is refused as early as each problem can be seen, cheapest first: the t
 parameters before a byte of the body is read (so a refused client never sends it); the size
 while the body streams (`RequestBody.read` stops at `max_module_bytes`); the binary's header,
 imports, initial memory and entrypoint before compiling (microseconds, even for 100 MB);
-then the compile, in a worker thread under its own `CapacityLimiter`, so uploads never take
-the threads that run guests. The artifact goes to the compiled-artifact cache, so the reload
+then the compile, in a child process with the tenant's compile limits (compiler.py), waited
+on from a worker thread under its own `CapacityLimiter`, so uploads never take the threads
+that run guests. The artifact goes to the compiled-artifact cache, so the reload
 that follows, and every restart after it, loads the module in milliseconds.
 
 Every change to a tenant's manifest is one transaction: a `trio.Lock` per tenant in this
@@ -31,6 +32,7 @@ Errors are JSON `{"error": message, "status": code}`, the message naming the pro
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import json
 import logging
@@ -48,10 +50,12 @@ import trio
 from . import store
 from .admission import Admission
 from .auth import CHALLENGE, Authenticator
+from .compiler import CompileLimits
 from .errors import (
     BadRequest,
     ConfigError,
     Conflict,
+    InsufficientStorage,
     MethodNotAllowed,
     ModuleRejected,
     NotFound,
@@ -75,8 +79,9 @@ ADMIN_PREFIX = "/_admin/"
 API_PREFIX = "/_admin/v1"
 
 DEFAULT_COMPILE_THREADS = 1
-"""Uploads compiled at once. wasmtime already compiles a module's functions on every core, so
-a second compile adds memory (a 100 MB runtime peaks over 2 GB), not speed."""
+"""Uploads compiled at once. Each compile child takes one core (parallel compilation off,
+compiler.py) and up to its tenant's `compile_memory_bytes` (a 100 MB runtime peaks over 2 GB):
+a second one at once would take the other core of a small pod."""
 
 MAX_UPLOADS_IN_PROGRESS = 8
 """Uploads between their first body byte and their answer. Each holds its body in memory (up
@@ -85,6 +90,8 @@ UPLOAD_RETRY_AFTER_S = 5
 """A compile takes seconds: a busy upload queue is worth retrying a few seconds later."""
 
 _JSON = (b"content-type", b"application/json")
+_DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+"""Write errors that mean "no space", answered 507 (RFC 4918 §11.5), not a 500 traceback."""
 _QUERY_KEYS = frozenset({"route", "entrypoint", "argv", "volume"})
 _MAX_ENTRYPOINT_CHARS = 256
 """An export name longer than this is a mistake; it also bounds what an error message echoes."""
@@ -254,7 +261,12 @@ class AdminApi:
             )
         )
         compiled = await trio.to_thread.run_sync(
-            functools.partial(self.registry.cache.load, binary, name=call.name),
+            functools.partial(
+                self.registry.cache.load,
+                binary,
+                name=call.name,
+                limits=CompileLimits.of(policy),
+            ),
             limiter=self.compile_limiter,
         )
         version = dataclasses.replace(
@@ -369,18 +381,28 @@ class AdminApi:
             except ConfigError as exc:
                 log.error("tenant %s: %s", tenant, exc.message)
                 raise SupervisorError("the tenant's manifest is unreadable") from exc
-            new = change(tenant_dir, manifest)
-            if new is None:
-                return manifest, False
             try:
-                self.registry.build_tenant(tenant, new)
-            except RouteConflict as exc:
+                new = change(tenant_dir, manifest)
+                if new is None:
+                    return manifest, False
+                try:
+                    self.registry.build_tenant(tenant, new)
+                except RouteConflict as exc:
+                    store.collect_garbage(tenant_dir, manifest)
+                    raise Conflict(self._client_message(tenant, exc.message)) from exc
+                except ConfigError as exc:
+                    store.collect_garbage(tenant_dir, manifest)
+                    raise ModuleRejected(self._client_message(tenant, exc.message)) from exc
+                store.write_manifest(tenant_dir, new)
+            except OSError as exc:
+                if exc.errno not in _DISK_FULL_ERRNOS:
+                    raise
+                log.error("tenant %s: admin write failed: %s", tenant, exc)
+                # A module file written before the manifest failed is named by no manifest.
                 store.collect_garbage(tenant_dir, manifest)
-                raise Conflict(self._client_message(tenant, exc.message)) from exc
-            except ConfigError as exc:
-                store.collect_garbage(tenant_dir, manifest)
-                raise ModuleRejected(self._client_message(tenant, exc.message)) from exc
-            store.write_manifest(tenant_dir, new)
+                raise InsufficientStorage(
+                    "the server's disk is full: nothing was changed; retry once space is freed"
+                ) from exc
             store.collect_garbage(tenant_dir, new)
             return new, True
 

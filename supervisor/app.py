@@ -79,6 +79,7 @@ class AppConfig:
     metrics_host: str = "0.0.0.0"
     metrics_port: int | None = None  # None: no metrics listener (the CLI always opens one)
     metrics_tenants: frozenset[str] = frozenset()  # tenants with their own metric label
+    insecure_registries: frozenset[str] = frozenset()  # host[:port]s pulled over plain HTTP
 
 
 @dataclass
@@ -110,11 +111,19 @@ async def run(
             config.cache_dir,
             sandbox.engine,
             sandbox.settings,
+            sandbox.code,
             max_bytes=config.cache_max_bytes,
             min_age_s=config.cache_min_age_s,
         )
         changes = store.open_change_counter(config.cache_dir)  # shared by the pod's workers
-        registry = TenantRegistry(config.tenants_dir, config.policies_dir, sandbox, cache, changes)
+        registry = TenantRegistry(
+            config.tenants_dir,
+            config.policies_dir,
+            sandbox,
+            cache,
+            changes,
+            insecure_registries=config.insecure_registries,
+        )
         started = time.perf_counter()
         state = await trio.to_thread.run_sync(registry.reload)
         log.info(

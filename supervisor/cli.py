@@ -238,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
         spec["default"] = _env_default(flag, spec["default"])
         serve.add_argument(f"--{flag}", **spec)
         worker.add_argument(f"--{flag}", **spec)
+    insecure = client.insecure_registry_option()
+    serve.add_argument("--insecure-registry", **insecure)
+    worker.add_argument("--insecure-registry", **insecure)
     worker.add_argument("--listen-fd", type=int, action="append", required=True)
     worker.add_argument("--metrics-fd", type=int)
     for flag in ("ready-fd", "parent-fd", "pod-column"):
@@ -335,6 +338,7 @@ def _app_config(args: argparse.Namespace) -> app.AppConfig | None:
         metrics_tenants=args.metrics_tenants,
         admin_token_sha256=admin_token_sha256,
         compile_threads=args.compile_threads,
+        insecure_registries=frozenset(args.insecure_registry),
     )
 
 

@@ -1,13 +1,16 @@
 """The admin API's client, and the `wasm-supervisor upload` / `modules` commands built on it.
 
-    wasm-supervisor upload TENANT NAME FILE [--route R] [--entrypoint E] [--argv A] [--volume G=F]
+    wasm-supervisor upload TENANT NAME FILE|oci:REF [--route R] [--entrypoint E] [--argv A]
+                                                    [--volume G=F] [--insecure-registry H]
     wasm-supervisor modules list TENANT
     wasm-supervisor modules show|delete|rollback TENANT NAME
 
 `--server` (or `SUPERVISOR_SERVER`) names the server, `--token` (or `SUPERVISOR_ADMIN_TOKEN`)
 the bearer token: the operator's, or the tenant's own. On a terminal an upload shows a
 progress bar while the body goes out, then the seconds the server has spent validating and
-compiling it (the answer comes once the module is compiled and served).
+compiling it (the answer comes once the module is compiled and served). An `oci:` reference
+instead of a file is pulled here, by the client, and its bytes uploaded: the server never
+fetches a URL on a tenant's behalf.
 """
 
 from __future__ import annotations
@@ -24,12 +27,22 @@ from typing import Any, TextIO
 
 import httpx
 
-__all__ = ["AdminClient", "AdminError", "Progress", "add_commands", "run_command"]
+from . import oci
+
+__all__ = [
+    "AdminClient",
+    "AdminError",
+    "Progress",
+    "add_commands",
+    "insecure_registry_option",
+    "run_command",
+]
 
 API_PREFIX = "/_admin/v1"
 DEFAULT_SERVER = "http://127.0.0.1:8080"
 SERVER_ENV = "SUPERVISOR_SERVER"
 TOKEN_ENV = "SUPERVISOR_ADMIN_TOKEN"
+INSECURE_REGISTRY_ENV = "SUPERVISOR_INSECURE_REGISTRY"
 COMMANDS = frozenset({"upload", "modules"})
 
 UPLOAD_CHUNK_BYTES = 256 * 1024
@@ -37,6 +50,8 @@ UPLOAD_CHUNK_BYTES = 256 * 1024
 CONNECT_TIMEOUT_S = 10.0
 RESPONSE_TIMEOUT_S = 600.0
 """An upload is answered once compiled: a 100 MB language runtime takes over a minute."""
+PULL_MAX_BYTES = 4 * 1024**3
+"""An `oci:` module pulled for upload: wasm32's cap; the server applies the tenant's own."""
 PROGRESS_TICK_S = 0.1
 BAR_WIDTH = 30
 
@@ -122,7 +137,7 @@ class AdminClient:
         self,
         tenant: str,
         name: str,
-        path: Path,
+        source: Path | bytes,
         *,
         route: str | None = None,
         entrypoint: str | None = None,
@@ -130,18 +145,24 @@ class AdminClient:
         volumes: Sequence[str] = (),
         progress_stream: TextIO | None = None,
     ) -> tuple[dict[str, Any], bool]:
-        """Upload `path` as module `name`; the record, and whether a new version was made."""
+        """Upload `source` (a file, or the module's bytes) as module `name`; the record, and
+        whether a new version was made."""
         params: list[tuple[str, str]] = [
             (key, value)
             for key, value in (("route", route), ("entrypoint", entrypoint), ("argv", argv))
             if value is not None
         ]
         params += [("volume", volume) for volume in volumes]
-        size = path.stat().st_size
+        size = len(source) if isinstance(source, bytes) else source.stat().st_size
         progress = Progress(size, progress_stream)
 
         def body() -> Iterator[bytes]:
-            with path.open("rb") as file:
+            if isinstance(source, bytes):
+                for start in range(0, size, UPLOAD_CHUNK_BYTES):
+                    progress.sent(len(chunk := source[start : start + UPLOAD_CHUNK_BYTES]))
+                    yield chunk
+                return
+            with source.open("rb") as file:
                 while chunk := file.read(UPLOAD_CHUNK_BYTES):
                     progress.sent(len(chunk))
                     yield chunk
@@ -206,7 +227,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
     upload.add_argument("tenant")
     upload.add_argument("name", help="the module's name: a-z 0-9 . _ -")
-    upload.add_argument("file", type=Path)
+    upload.add_argument("file", help="a .wasm or .wat file, or an oci: reference to pull")
     upload.add_argument("--route", help="exact (/hello) or prefix (/api/...) route")
     upload.add_argument("--entrypoint", help="export to run (default _start)")
     upload.add_argument("--argv", help="argv template, as in modules.toml")
@@ -217,6 +238,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         metavar="GUEST=FOLDER",
         help="read-only folder under the tenant's folder (repeatable)",
     )
+    upload.add_argument("--insecure-registry", **insecure_registry_option())
     modules = commands.add_parser("modules", help="list and manage a tenant's modules")
     actions = modules.add_subparsers(dest="action", required=True)
     listing = actions.add_parser("list", parents=[connection], help="the tenant's modules")
@@ -231,6 +253,32 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         parser.add_argument("name")
 
 
+def insecure_registry_option() -> dict[str, Any]:
+    """argparse keywords of the repeatable `--insecure-registry HOST[:PORT]` (`serve` and
+    `upload`), whose default is $SUPERVISOR_INSECURE_REGISTRY (comma-separated hosts; the
+    flags add to it). An invalid host there stops the command with a message naming it."""
+    hosts = [host for host in os.environ.get(INSECURE_REGISTRY_ENV, "").split(",") if host]
+    try:
+        default = [oci.check_registry_host(host) for host in hosts]
+    except oci.InvalidReference as exc:
+        raise SystemExit(f"error: ${INSECURE_REGISTRY_ENV}: {exc}") from exc
+    return {
+        "type": _registry_host,
+        "action": "append",
+        "default": default,
+        "metavar": "HOST[:PORT]",
+        "help": "a registry spoken to over plain HTTP (repeatable); localhost:5000 and"
+        " 127.0.0.1:5000 always are",
+    }
+
+
+def _registry_host(value: str) -> str:
+    try:
+        return oci.check_registry_host(value)
+    except oci.InvalidReference as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
 def run_command(args: argparse.Namespace) -> int:
     """Run `upload` or `modules ...`; 1 when the server refuses or can't be reached."""
     try:
@@ -241,6 +289,9 @@ def run_command(args: argparse.Namespace) -> int:
         return 1
     except httpx.HTTPError as exc:
         print(f"error: {args.server}: {exc}", file=sys.stderr)
+        return 1
+    except oci.PullError as exc:
+        print(f"error: pulling the module: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -253,7 +304,7 @@ def _dispatch(client: AdminClient, args: argparse.Namespace, stdout: TextIO) -> 
         record, created = client.upload(
             args.tenant,
             args.name,
-            args.file,
+            _upload_source(args.file, args.insecure_registry),
             route=args.route,
             entrypoint=args.entrypoint,
             argv=args.argv,
@@ -281,6 +332,17 @@ def _dispatch(client: AdminClient, args: argparse.Namespace, stdout: TextIO) -> 
     else:
         record = client.rollback(args.tenant, args.name)
         print(f"rolled back {args.tenant}/{_summary(record)}", file=stdout)
+
+
+def _upload_source(file: str, insecure_registries: Sequence[str]) -> Path | bytes:
+    """The file to upload, or the bytes of the module an `oci:` reference names (pulled here;
+    the tag resolved and the digest printed on stderr)."""
+    if not oci.is_reference(file):
+        return Path(file)
+    with oci.RegistryClient(insecure_registries=insecure_registries) as registry:
+        pulled = registry.pull_module(file, max_bytes=PULL_MAX_BYTES)
+    print(f"pulled {pulled.reference} ({pulled.manifest_digest})", file=sys.stderr)
+    return pulled.content
 
 
 def _summary(record: dict[str, Any]) -> str:

@@ -22,6 +22,7 @@ The hierarchy is translated into a response once, at the gateway boundary:
     │   ├── GuestOutputTooLarge     502 stdout over max_response_bytes
     │   └── GuestBadOutput          500/502 output that is not valid CGI
     ├── ModuleRejected              422 a module that cannot be served (named reason)
+    ├── InsufficientStorage         507 admin API: the disk (or quota) is full, nothing written
     └── ConfigError                 a policy, modules.toml or manifest.json that failed validation
         └── RouteConflict           409 two sources (modules.toml, named modules) claim a route
 
@@ -169,6 +170,16 @@ class ModuleRejected(ClientError):
     """A module we refuse to load or accept: not WebAssembly, bad imports, no entrypoint..."""
 
     status = 422
+
+
+class InsufficientStorage(SupervisorError):
+    """A write of the admin API found the disk or the quota full (ENOSPC, EDQUOT).
+
+    Nothing was half-written (files are written whole, then renamed); retrying once space is
+    freed succeeds. The server's fault, not the client's: outcome `internal`.
+    """
+
+    status = 507
 
 
 class ConfigError(SupervisorError):

@@ -33,6 +33,9 @@ The engine's folder is therefore private to the server: created 0700, and at sta
 by this uid but open to others is made 0700 again; one that is not a real folder or belongs to
 another uid is never read (every module compiles, as with a read-only cache).
 
+A module is compiled in a child process with the tenant's limits (compiler.py), never in the
+worker: the child hands back the serialized artifact, which is stored as above and loaded.
+
 Everything here blocks: callers run it in a worker thread.
 """
 
@@ -58,6 +61,14 @@ from typing import BinaryIO
 
 import wasmtime
 
+from .compiler import (
+    COMPILER,
+    DEFAULT_COMPILE_LIMITS,
+    SERVING_CODE,
+    CodeSettings,
+    CompileLimits,
+    check_compile_bounds,
+)
 from .errors import ModuleRejected
 from .files import fsync_directory, write_atomically
 
@@ -123,10 +134,12 @@ class ArtifactCache:
         directory: Path,
         engine: wasmtime.Engine,
         engine_settings: str,
+        code: CodeSettings = SERVING_CODE,
         *,
         max_bytes: int = DEFAULT_MAX_BYTES,
         min_age_s: float = DEFAULT_MIN_AGE_S,
     ) -> None:
+        """`code`: the settings `engine` was built with that change code (compiler.py)."""
         self.directory = directory / engine_fingerprint(engine_settings)
         self.usable = _private_folder(self.directory)
         self.engine = engine
@@ -134,6 +147,7 @@ class ArtifactCache:
         self.min_age_s = min_age_s
         self._sizes: dict[str, int] = {}  # sha256 -> bytes of its artifact, once stored or read
         self._over_bound = False  # the last pass could not get under max_bytes (logged once)
+        self.code = code
         self._locks: dict[str, threading.Lock] = {}
         # Modules loaded by this process, while anything uses them: 1,000 tenants serving
         # the same module verify and map its artifact once.
@@ -146,8 +160,13 @@ class ArtifactCache:
         self.rebuilt = 0
         self.collected = 0  # artifacts deleted: unused for min_age_s, or evicted over max_bytes
 
-    def load(self, binary: bytes, *, name: str) -> CompiledModule:
-        """Compile `binary`, or load its verified artifact. Raises ModuleRejected."""
+    def load(
+        self, binary: bytes, *, name: str, limits: CompileLimits = DEFAULT_COMPILE_LIMITS
+    ) -> CompiledModule:
+        """Compile `binary` within `limits` (the tenant's policy), or load its verified
+        artifact. A module over the policy's bounds is refused even if another tenant's
+        upload compiled it already. Raises ModuleRejected."""
+        check_compile_bounds(binary, limits, name=name)
         digest = hashlib.sha256(binary).hexdigest()
         with self._lock_for(digest):
             started = time.perf_counter()
@@ -155,12 +174,14 @@ class ArtifactCache:
             if cached is not None:
                 return cached
             self.misses += 1
-            try:
-                module = wasmtime.Module(self.engine, binary)
-            except wasmtime.WasmtimeError as exc:
-                raise ModuleRejected(f"{name}: invalid WebAssembly module: {_reason(exc)}") from exc
+            artifact = COMPILER.compile(binary, name=name, settings=self.code, limits=limits)
+            self._store_artifact(digest, artifact)
+            # Mapped from the stored file once verified, as every later load is (no copy; the
+            # pod's workers share its pages); from memory if it could not be stored.
+            module = self._load_artifact(digest) or wasmtime.Module.deserialize(
+                self.engine, artifact
+            )
             compile_s = time.perf_counter() - started
-            self._store_artifact(digest, module)
             self._in_memory[digest] = module
             return CompiledModule(digest, len(binary), module, compile_s, False)
 
@@ -219,11 +240,10 @@ class ArtifactCache:
             self.rebuilt += 1
             return None
 
-    def _store_artifact(self, digest: str, module: wasmtime.Module) -> None:
+    def _store_artifact(self, digest: str, data: bytes) -> None:
         if not self.usable:
             return
         artifact, record_path = self._paths(digest)
-        data = module.serialize()
         record = {"size": len(data), "crc32": zlib.crc32(data)}
         try:
             write_atomically(artifact, data)

@@ -32,6 +32,7 @@ import wasmtime
 from wasmtime import ExitTrap, Trap, TrapCode, WasmtimeError
 
 from . import wasmtime_ext
+from .compiler import SERVING_CODE
 from .errors import (
     GuestError,
     GuestFuelExhausted,
@@ -142,10 +143,8 @@ class Sandbox:
 
     def __init__(self, *, max_instances: int = DEFAULT_MAX_INSTANCES) -> None:
         """`max_instances`: stores alive at once (the execution slots plus loading work)."""
-        config = wasmtime.Config()
-        config.consume_fuel = True
-        config.epoch_interruption = True
-        config.cranelift_opt_level = "speed"
+        self.code = SERVING_CODE  # fuel, epochs, opt level: what compile children match
+        config = self.code.config()
         wasmtime_ext.enable_pooling_allocator(
             config, instances=max_instances, max_memory_bytes=MAX_MEMORY_BYTES
         )

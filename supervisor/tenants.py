@@ -30,8 +30,9 @@ from typing import TypeVar
 
 import trio
 
-from . import policies, store
+from . import oci, policies, store
 from .admission import TenantLimits
+from .compiler import CompileLimits
 from .errors import ConfigError, ModuleRejected, RouteConflict, SupervisorError
 from .modules import ArtifactCache, CompiledModule, to_binary
 from .outbound import abi as outbound_abi
@@ -53,6 +54,8 @@ log = logging.getLogger("supervisor.tenants")
 T = TypeVar("T")
 
 MODULES_FILE = "modules.toml"
+PULLED_MODULES_DIR = "oci"
+"""Under the pod's cache folder: the manifests and layers of `oci:` modules, by digest."""
 ROUTES_EXPORT = "_routes"
 DEFAULT_ENTRYPOINT = "_start"
 WATCH_INTERVAL_S = 1.0
@@ -228,11 +231,15 @@ class TenantRegistry:
         sandbox: Sandbox,
         cache: ArtifactCache,
         changes: store.ChangeCounter | None = None,
+        insecure_registries: frozenset[str] = frozenset(),
     ) -> None:
         self.tenants_dir = tenants_dir
         self.policies_dir = policies_dir
         self.sandbox = sandbox
         self.cache = cache
+        self.pulled_modules = oci.PulledModules(
+            cache.directory.parent / PULLED_MODULES_DIR, insecure_registries=insecure_registries
+        )
         self.changes = changes  # the pod's admin change counter (store.py), if any
         self._changes_seen = changes.value() if changes is not None else 0
         self._catching_up = trio.Lock()
@@ -323,7 +330,11 @@ class TenantRegistry:
                 files = (str(tenant_dir / MODULES_FILE), str(tenant_dir / store.MANIFEST_FILE))
                 before = _stat_keys(files)
                 tenant = self._load_tenant(name, policy)
-                modules = tuple(str(tenant_dir / module) for module in tenant.modules)
+                modules = tuple(
+                    str(tenant_dir / module)
+                    for module in tenant.modules
+                    if not oci.is_reference(module)
+                )
                 tenants[name] = tenant
                 watched[name] = WatchedFiles(files + modules, before + _stat_keys(modules))
                 rebuilt = True
@@ -466,6 +477,8 @@ class TenantRegistry:
         )
 
     def _compile(self, tenant_dir: Path, relative: str, policy: Policy, *, source: str):
+        if oci.is_reference(relative):
+            return self._compile_pulled(relative, policy, source=source)
         path = (tenant_dir / relative).resolve()
         if not path.is_relative_to(tenant_dir.resolve()):
             raise ConfigError(source, "module", "must be a file inside the tenant's folder")
@@ -495,11 +508,23 @@ class TenantRegistry:
         try:
             binary = to_binary(raw, name=relative)
             check_module_binary(binary, name=relative, memory_limit=policy.memory_bytes)
-            compiled = self.cache.load(binary, name=relative)
+            compiled = self.cache.load(binary, name=relative, limits=CompileLimits.of(policy))
         except ModuleRejected as exc:
             raise ConfigError(source, "module", exc.message) from exc
         self._file_digests[key] = compiled
         return compiled
+
+    def _compile_pulled(self, reference: str, policy: Policy, *, source: str) -> CompiledModule:
+        """An `oci:` module, pulled again on every load of its tenant (a tag is pinned to the
+        digest it resolves to now, until the next reload) and verified before it compiles."""
+        try:
+            pulled = self.pulled_modules.fetch(reference, max_bytes=policy.max_module_bytes)
+            check_module_binary(pulled.content, name=reference, memory_limit=policy.memory_bytes)
+            return self.cache.load(pulled.content, name=reference, limits=CompileLimits.of(policy))
+        except oci.PullError as exc:
+            raise ConfigError(source, "module", str(exc)) from exc
+        except ModuleRejected as exc:
+            raise ConfigError(source, "module", exc.message) from exc
 
     def _prepare(self, module: CompiledModule, *, source: str) -> PreparedModule:
         prepared = self._prepared.get(module.sha256)

@@ -4,7 +4,9 @@ Compiling a 100 MB language runtime takes a minute and gigabytes; reading its se
 takes microseconds. So uploads and loads call `inspect` first: it parses only the sections that
 say what a module needs and offers (type, import, function, memory, export), skips every other
 section (code, data, custom...) by its declared size, and never copies the binary. It checks only
-what it reads; wasmtime still validates the whole module when it compiles it.
+what it reads; wasmtime still validates the whole module when it compiles it. What compiling
+will cost is known from the same pass: the number of functions (the function section) and the
+code section's size.
 
 Any malformed input raises `WasmFormatError` (a `ModuleRejected`, 422) naming the problem and,
 for a structural fault, its byte offset. Any other exception escaping `inspect` is a bug.
@@ -66,6 +68,7 @@ _SECTION_NAMES = {
     12: "data count",
     13: "tag",
 }
+_CODE_SECTION = 10
 # The order the spec requires of the non-custom sections (tag sits between memory and global;
 # data count before code). Each may appear at most once.
 _SECTION_RANK = {sid: rank for rank, sid in enumerate((1, 2, 3, 4, 5, 13, 6, 7, 8, 9, 12, 10, 11))}
@@ -121,6 +124,8 @@ class WasmInfo:
     imports: tuple[Import, ...]
     exports: tuple[Export, ...]
     initial_memory_bytes: int | None  # memory 0 (imported or defined); None without memory
+    functions: int  # defined (not imported): compile time and memory grow with them
+    code_bytes: int  # the code section's size: the other measure of compile cost
 
     def export(self, name: str) -> Export | None:
         """The export called `name`, or None (export names are unique in a valid module)."""
@@ -331,6 +336,8 @@ class _Parser:
         self.data = data
         self.types: list[tuple[int, int] | None] = []  # (params, results); None: not a func type
         self.func_types: list[int] = []  # type index of each function, imports first
+        self.defined_functions = 0
+        self.code_bytes = 0
         self.imports: list[Import] = []
         self.memory_bytes: list[int] = []  # initial size of each memory, imports first
         self.exports: list[Export] = []
@@ -372,11 +379,15 @@ class _Parser:
                 if reader.pos != reader.end:
                     left = reader.end - reader.pos
                     reader.fail(f"{left} unexpected bytes at the end of the {name} section")
+            elif section_id == _CODE_SECTION:
+                self.code_bytes = length  # skipped, like every section not read, by its size
             top.pos = body + length
         return WasmInfo(
             imports=tuple(self.imports),
             exports=tuple(self.exports),
             initial_memory_bytes=self.memory_bytes[0] if self.memory_bytes else None,
+            functions=self.defined_functions,
+            code_bytes=self.code_bytes,
         )
 
     def type_section(self, r: _Reader) -> None:
@@ -446,6 +457,7 @@ class _Parser:
 
     def function_section(self, r: _Reader) -> None:
         n = r.count("functions")
+        self.defined_functions = n
         if n == r.end - r.pos:
             # Every type index is one byte (fewer than 128 types, the usual case): take them in
             # one slice instead of decoding a LEB128 per function of a big runtime.

@@ -29,6 +29,7 @@ import wasmtime
 from conftest import DEMO, Workspace
 from test_lifecycle import serve_process
 
+from supervisor.compiler import CodeSettings
 from supervisor.modules import (
     ARTIFACT_SUFFIX,
     DEFAULT_MIN_AGE_S,
@@ -108,8 +109,9 @@ def test_a_restarted_process_loads_the_artifact(tmp_path, sandbox):
 
 def test_an_engine_built_otherwise_never_loads_the_artifact(tmp_path, sandbox):
     new_cache(tmp_path, sandbox).load(HELLO, name="hello.wat")
-    other = wasmtime.Engine(wasmtime.Config())  # no fuel, no epochs
-    cache = ArtifactCache(tmp_path, other, "no-fuel,no-epochs")
+    code = CodeSettings(consume_fuel=False, epoch_interruption=False)
+    other = wasmtime.Engine(code.config())  # no fuel, no epochs
+    cache = ArtifactCache(tmp_path, other, "no-fuel,no-epochs", code)
     assert not cache.load(HELLO, name="hello.wat").cache_hit
     assert (cache.hits, cache.misses) == (0, 1)
 
@@ -380,7 +382,8 @@ def test_over_its_bound_the_cache_evicts_the_least_recently_used_artifact_first(
 
 def test_another_engine_builds_artifacts_are_collected_then_its_folder(tmp_path, sandbox):
     """After an upgrade of wasmtime (or a change of engine settings) the old folder is garbage."""
-    other = ArtifactCache(tmp_path, wasmtime.Engine(wasmtime.Config()), "no-fuel,no-epochs")
+    code = CodeSettings(consume_fuel=False, epoch_interruption=False)
+    other = ArtifactCache(tmp_path, wasmtime.Engine(code.config()), "no-fuel,no-epochs", code)
     old_sha = other.load(HELLO, name="hello.wat").sha256
     cache = new_cache(tmp_path, sandbox)
     assert cache.directory != other.directory

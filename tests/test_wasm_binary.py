@@ -112,6 +112,17 @@ def test_imports_of_every_kind_in_module_order() -> None:
     ]
 
 
+def test_compile_cost_is_the_defined_functions_and_the_code_section_size(small: bytes) -> None:
+    """Imported functions cost no compile; the code section is measured, never read."""
+    info = inspect(small)
+    assert info.functions == 2  # _start and pair; fd_write and host.call are imports
+    code = wasmtime.wat2wasm("(module (func) (func (drop (i32.const 1))))")
+    # The code section: a count (1 byte), then each body with its size: 1 + 3 + 6 bytes.
+    assert code.endswith(section(10, b"\x02" + b"\x02\x00\x0b" + b"\x05\x00\x41\x01\x1a\x0b"))
+    assert inspect(code).code_bytes == 10
+    assert (inspect(HEADER).functions, inspect(HEADER).code_bytes) == (0, 0)
+
+
 def test_a_wasi_only_module_has_no_disallowed_imports() -> None:
     info = inspect(
         wasmtime.wat2wasm(

@@ -32,7 +32,7 @@ from test_admin import (
 from test_lifecycle import serve_process
 from test_workers import NO_KEEP_ALIVE, POLL_S, TWO_WORKERS, WAIT_S, worker_pids
 
-from supervisor.modules import ARTIFACT_SUFFIX, ArtifactCache
+from supervisor.modules import ARTIFACT_SUFFIX, ArtifactCache, to_binary
 from supervisor.sandbox import Sandbox
 
 
@@ -99,9 +99,8 @@ async def test_upload_after_upload_never_grows_the_cache_past_its_bound(
     admin_tenant(workspace, "acme")
     with Sandbox() as sandbox:  # the size of one version's artifact (~570 KiB), as it is here
         probe = ArtifactCache(workspace.root / "probe", sandbox.engine, sandbox.settings)
-        one_artifact = probe.artifact_bytes(
-            probe.load(greeter("version 0", functions=400), name="probe.wat").sha256
-        )
+        binary = to_binary(greeter("version 0", functions=400), name="probe.wat")
+        one_artifact = probe.artifact_bytes(probe.load(binary, name="probe").sha256)
     bound = 3 * one_artifact + 3 * 1024  # three artifacts and their records
     running = await start_admin(start_supervisor, cache_max_bytes=bound)
     versions = []
