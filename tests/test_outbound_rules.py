@@ -6,8 +6,9 @@ from __future__ import annotations
 import re
 
 import pytest
+import wasmtime
 
-from supervisor.errors import ConfigError
+from supervisor.errors import ConfigError, ModuleRejected
 from supervisor.outbound.rules import (
     PatternError,
     address_allowed,
@@ -15,7 +16,7 @@ from supervisor.outbound.rules import (
     parse_pattern,
 )
 from supervisor.policies import parse_policy
-from supervisor.tenants import parse_modules_toml
+from supervisor.tenants import check_module_binary, parse_modules_toml
 
 
 @pytest.mark.parametrize(
@@ -109,3 +110,14 @@ def test_modules_toml_reads_wagis_outbound_keys_and_refuses_bad_values():
         parse_modules_toml({"module": [{**entry, "allowed_hosts": ["a.test"]}]}, source="m")
     with pytest.raises(ConfigError, match=r"http_max_concurrency.*at least 1"):
         parse_modules_toml({"module": [{**entry, "http_max_concurrency": 0}]}, source="m")
+
+
+def test_exactly_the_five_outbound_imports_are_offered():
+    offered = "".join(
+        f'(import "wasi_experimental_http" "{name}" (func (param i32) (result i32)))'
+        for name in ("req", "close", "header_get", "headers_get_all", "body_read")
+    )
+    check_module_binary(wasmtime.wat2wasm(f"(module {offered})"), name="m", memory_limit=1 << 20)
+    other = '(module (import "wasi_experimental_http" "connect" (func)))'
+    with pytest.raises(ModuleRejected, match=r"imports wasi_experimental_http\.connect.*offers"):
+        check_module_binary(wasmtime.wat2wasm(other), name="m", memory_limit=1 << 20)
