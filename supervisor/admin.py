@@ -17,7 +17,8 @@ while the body streams (`RequestBody.read` stops at `max_module_bytes`); the bin
 imports, initial memory and entrypoint before compiling (microseconds, even for 100 MB);
 then the compile, in a child process with the tenant's compile limits (compiler.py), waited
 on from a worker thread under its own `CapacityLimiter`, so uploads never take the threads
-that run guests. The artifact goes to the compiled-artifact cache, so the reload
+that run guests; then the module's `_routes`, once, whose result the manifest stores
+(declared_routes.py). The artifact goes to the compiled-artifact cache, so the reload
 that follows, and every restart after it, loads the module in milliseconds.
 
 Every change to a tenant's manifest is one transaction: a `trio.Lock` per tenant in this
@@ -65,6 +66,7 @@ from .errors import (
     Unauthorized,
 )
 from .modules import to_binary
+from .outbound.rules import PatternError, parse_allow_list
 from .policies import is_valid_tenant_name, parse_volumes
 from .routing import RouteError, validate_pattern
 from .server import Request, RequestBody, Response
@@ -92,7 +94,7 @@ UPLOAD_RETRY_AFTER_S = 5
 _JSON = (b"content-type", b"application/json")
 _DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 """Write errors that mean "no space", answered 507 (RFC 4918 §11.5), not a 500 traceback."""
-_QUERY_KEYS = frozenset({"route", "entrypoint", "argv", "volume"})
+_QUERY_KEYS = frozenset({"route", "entrypoint", "argv", "volume", "allowed_host"})
 _MAX_ENTRYPOINT_CHARS = 256
 """An export name longer than this is a mistake; it also bounds what an error message echoes."""
 
@@ -269,12 +271,19 @@ class AdminApi:
             ),
             limiter=self.compile_limiter,
         )
+        # `_routes` runs here, once per version, and its result is stored with it: no load,
+        # in any worker or pod, runs guest code (the tenant's own upload waits for it).
+        declared = await trio.to_thread.run_sync(
+            functools.partial(self.registry.declare_routes, compiled, policy, name=call.name)
+        )
         version = dataclasses.replace(
             settings,
             sha256=compiled.sha256,
             size=len(binary),
             uploaded_at=store.utc_now(),
             compile_s=round(compiled.compile_s, 6),
+            declared_routes=declared.routes,
+            unknown={},  # keys of another revision describe the version they came with
         )
 
         def change(tenant_dir: Path, manifest: store.Manifest) -> store.Manifest | None:
@@ -506,6 +515,13 @@ def _upload_settings(query: str, existing: store.ModuleRecord | None) -> store.M
         volumes = parse_volumes("query parameter", volumes)
     except ConfigError as exc:
         raise BadRequest(exc.message) from exc
+    allowed_hosts = values.get("allowed_host")
+    for pattern in allowed_hosts or ():
+        try:
+            parse_allow_list([pattern])
+        except PatternError as exc:
+            message = str(exc).partition(": ")[2]
+            raise BadRequest(f"allowed_host {pattern[:80]!r}: {message}") from None
     return store.ModuleVersion(
         sha256="",
         size=0,
@@ -515,6 +531,7 @@ def _upload_settings(query: str, existing: store.ModuleRecord | None) -> store.M
         volumes=volumes,
         uploaded_at="",
         compile_s=0.0,
+        allowed_hosts=None if allowed_hosts is None else tuple(allowed_hosts),
     )
 
 

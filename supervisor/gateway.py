@@ -69,6 +69,10 @@ class Gateway:
 
     async def handle(self, request: Request, body: RequestBody) -> Response:
         if request.path == HEALTH_PATH:
+            # 503 while this worker serves an older state than the pod committed (WAGI.md).
+            diverged = self.registry.divergence
+            if diverged is not None:
+                return Response(503, list(_TEXT), diverged.encode() + b"\n")
             return Response(200, list(_TEXT), b"OK\n")
         if self.admin is not None and request.path.startswith(ADMIN_PREFIX):
             return await self.admin(request, body)

@@ -74,6 +74,9 @@ from .files import fsync_directory, write_atomically
 
 log = logging.getLogger("supervisor.modules")
 
+_DIGEST_RE = re.compile(r"[0-9a-f]{64}")
+"""An artifact's name: its module's SHA-256."""
+
 ARTIFACT_SUFFIX = ".cwasm"
 RECORD_SUFFIX = ".json"
 TEMP_SUFFIX = ".tmp"  # files.write_atomically's temp files
@@ -403,8 +406,10 @@ def _scan(folder: Path) -> dict[str, _Entry]:
                     if info.st_mtime_ns < stale_before:
                         _unlink(Path(item.path))
                     continue
-                if suffix not in (ARTIFACT_SUFFIX, RECORD_SUFFIX):
-                    continue
+                if suffix not in (ARTIFACT_SUFFIX, RECORD_SUFFIX) or not _DIGEST_RE.fullmatch(
+                    digest
+                ):
+                    continue  # not an artifact: the routes cache shares the folder
                 entry = entries.setdefault(digest, _Entry())
                 entry.bytes += info.st_size
                 if suffix == ARTIFACT_SUFFIX:

@@ -8,10 +8,17 @@ export, and classifies how it ended into one `GuestError` subclass (or none).
 Replaced WASI functions (FACTS.md explains why each is needed):
 
 - `fd_write`: wasmtime's writes only the first buffer of a gather write (WAGI.md wants all),
-  and stdout needs a cap that *stops* the guest rather than buffering forever. Ours writes
-  every buffer into a capped per-request buffer; stderr is kept up to its own cap.
+  and stdout needs a cap that *stops* the guest rather than buffering forever. Ours copies
+  buffer by buffer and never past a cap: stdout's stops the guest, stderr's drops the rest.
 - `poll_oneoff`: a guest asleep inside wasmtime's is not interrupted by the epoch deadline.
-  Ours sleeps at most until the request's deadline, then stops the guest.
+  Ours sleeps at most until the request's deadline, then stops the guest, and takes at most
+  the policy's `max_poll_subscriptions` per call.
+
+Both are host work done holding the GIL, which the guest's own fuel does not count, so each
+call is charged to the guest's fuel (see `FUEL_PER_HOST_NS`) and checked against the
+deadline (see `_settle`): the epoch ticker is a Python thread, and guests hammering host
+calls starve it. Together, the guests of a process spend at most `HOST_SHARE` of the wall
+clock in host calls (`_HostTime`): the rest of the GIL is the event loop's.
 
 Host functions never raise (an exception there is re-raised in whichever thread traps next):
 they record a fault on the request's own state and stop the guest by emptying its fuel.
@@ -19,6 +26,7 @@ they record a fault on the request's own state and stop the guest by emptying it
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 import os
@@ -57,6 +65,7 @@ WASI_MODULE = "wasi_snapshot_preview1"
 # WASI preview1 errno values used by the replaced functions.
 ERRNO_SUCCESS = 0
 ERRNO_BADF = 8
+ERRNO_CANCELED = 11  # returned to a guest the call has just stopped: it never resumes
 ERRNO_FAULT = 21
 ERRNO_INVAL = 28
 
@@ -70,7 +79,27 @@ _EVENT_SIZE = 32
 _EVENTTYPE_CLOCK = 0
 _SUBCLOCKFLAG_ABSTIME = 1
 _CLOCK_REALTIME = 0
-_MAX_SUBSCRIPTIONS = 4096
+# Host-call work charged to the guest's fuel: a call costs what the guest could have run in
+# the time the host spends on it. Host costs measured with `bench/host_call_cost.py` (CPU
+# time per call, 2-core machine, Python 3.11, wasmtime 50).
+FUEL_PER_HOST_NS = 7
+"""Fuel a guest burns per ns of CPU: 6.6 to 7.1 units/ns measured on bench/guests/burn.wat."""
+FD_WRITE_FUEL = 3_500 * FUEL_PER_HOST_NS  # one call: 3.4 to 3.8 µs
+FD_WRITE_FUEL_PER_IOVEC = 100 * FUEL_PER_HOST_NS  # each iovec walked: ~0.1 µs
+FD_WRITE_FUEL_PER_BYTE = 3  # each byte kept: 0.26 ns (flood.wat's 8 MiB) to 0.7 ns (bench)
+POLL_FUEL = 5_500 * FUEL_PER_HOST_NS  # one call with one subscription: ~5.5 µs
+POLL_FUEL_PER_SUBSCRIPTION = 1_300 * FUEL_PER_HOST_NS  # each further one: ~1.3 µs
+SETTLE_FUEL = 100_000 * FUEL_PER_HOST_NS
+"""Charges owed before they are taken from the store (`_settle`): ~0.1 ms of host work."""
+HOST_SHARE = 0.5
+"""Share of wall time the guests of one process may spend in host calls, together."""
+HOST_BURST_S = 0.008
+"""Host-call time booked ahead before `HOST_SHARE` applies: one response of the default
+max_response_bytes (8 MiB, ~3.6 ms charged, 7.2 ms booked) goes through without a sleep."""
+_MAX_WRITE_BYTES = 2**32 - 1
+"""fd_write reports its count as a u32: a gather write larger than this is written short."""
+_DEADLINE_CHECK_STRIDE = 8 * 1024
+"""Bytes of iovec array (1,024 iovecs, ~0.1 ms of host work) between two deadline checks."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +111,7 @@ class GuestLimits:
     timeout_ms: int
     max_stdout_bytes: int
     max_stderr_bytes: int = 64 * 1024
+    max_poll_subscriptions: int = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,8 +143,8 @@ class _RunState:
     """What the replaced host functions of one run share with `Sandbox.run` (thread-local)."""
 
     deadline: float
-    max_stdout: int
-    max_stderr: int
+    limits: GuestLimits
+    host_time: _HostTime  # the process's, shared by every run
     stdout: bytearray = field(default_factory=bytearray)
     stderr: bytearray = field(default_factory=bytearray)
     stderr_truncated: bool = False
@@ -122,6 +152,13 @@ class _RunState:
     fault: GuestError | None = None
     outbound_grant: outbound_abi.Grant | None = None
     outbound: outbound_abi.Session | None = None  # made at the first outbound call
+    fuel_owed: int = 0  # host work charged but not yet taken from the store (`_settle`)
+
+    def timed_out(self) -> GuestTimeout:
+        return GuestTimeout(f"guest exceeded its deadline of {self.limits.timeout_ms} ms")
+
+    def out_of_fuel(self) -> GuestFuelExhausted:
+        return GuestFuelExhausted(f"guest ran out of fuel ({self.limits.fuel} units)")
 
 
 class PreparedModule:
@@ -152,6 +189,7 @@ class Sandbox:
         """Names the engine's settings for the artifact cache: change it with the config."""
         self.engine = wasmtime.Engine(config)
         self._local = threading.local()
+        self._host_time = _HostTime()
         self.linker = self._build_linker()
         self._stop_ticker = threading.Event()
         self._ticker = threading.Thread(target=self._tick, name="epoch-ticker", daemon=True)
@@ -195,8 +233,8 @@ class Sandbox:
         cpu_started = time.thread_time()
         state = _RunState(
             deadline=started + limits.timeout_ms / 1000,
-            max_stdout=limits.max_stdout_bytes,
-            max_stderr=limits.max_stderr_bytes,
+            limits=limits,
+            host_time=self._host_time,
             outbound_grant=outbound,
         )
         store = wasmtime_ext.GuestStore(self.engine)
@@ -225,7 +263,7 @@ class Sandbox:
                 failure = store.call(entrypoint.encode())
                 memory_bytes = store.memory_size()
                 error = _call_error(failure, memory_bytes, limits)
-            fuel_used = limits.fuel - store.fuel_left()
+            fuel_used = min(limits.fuel, limits.fuel - store.fuel_left() + state.fuel_owed)
         finally:
             self._local.state = None
             store.close()
@@ -273,29 +311,28 @@ class Sandbox:
             state: _RunState = self._local.state
             if fd not in (1, 2):
                 return ERRNO_BADF
+            if state.fault is not None:  # stopped already: it will not run on
+                return _stop(caller, state, state.fault)
             memory = wasmtime_ext.caller_memory(caller)
             length = len(memory)
             if iovs + 8 * iovs_len > length or nwritten + 4 > length:
                 return ERRNO_FAULT
-            total = 0
-            for offset in range(iovs, iovs + 8 * iovs_len, 8):
-                pointer, size = _IOVEC.unpack_from(memory, offset)
-                if pointer + size > length:
-                    return ERRNO_FAULT
-                if size:
-                    total += size
-                    if fd == 1:
-                        state.stdout += memory[pointer : pointer + size]
-                    else:
-                        _append_stderr(state, memory[pointer : pointer + size])
-            if fd == 1 and len(state.stdout) > state.max_stdout:
-                del state.stdout[state.max_stdout :]
-                state.fault = GuestOutputTooLarge(
-                    f"guest output exceeded max_response_bytes ({state.max_stdout} bytes)"
-                )
-                wasmtime_ext.stop_guest(caller)
-            _U32.pack_into(memory, nwritten, total)
-            return ERRNO_SUCCESS
+            # A long walk is paid before it is done: its length is the guest's to choose.
+            owed = state.fuel_owed + FD_WRITE_FUEL + FD_WRITE_FUEL_PER_IOVEC * iovs_len
+            if owed >= SETTLE_FUEL:
+                state.fuel_owed = owed
+                if not _settle(caller, state):
+                    return ERRNO_CANCELED
+                owed = 0
+            written, kept, errno = _gather(memory, length, iovs, iovs_len, fd, state)
+            if state.fault is not None:
+                return _stop(caller, state, state.fault)
+            state.fuel_owed = owed + FD_WRITE_FUEL_PER_BYTE * kept
+            if state.fuel_owed >= SETTLE_FUEL and not _settle(caller, state):
+                return ERRNO_CANCELED
+            if errno == ERRNO_SUCCESS:
+                _U32.pack_into(memory, nwritten, written)
+            return errno
         except Exception:  # a bug here must not leak into another request's trap
             log.exception("fd_write failed")
             return ERRNO_FAULT
@@ -304,7 +341,15 @@ class Sandbox:
         try:
             in_ptr, out_ptr, count, nevents = args
             state: _RunState = self._local.state
-            if count <= 0 or count > _MAX_SUBSCRIPTIONS:
+            if state.fault is not None:  # stopped already: it will not run on
+                return _stop(caller, state, state.fault)
+            valid = 0 < count <= state.limits.max_poll_subscriptions
+            state.fuel_owed += (
+                POLL_FUEL + POLL_FUEL_PER_SUBSCRIPTION * count if valid else POLL_FUEL
+            )
+            if state.fuel_owed >= SETTLE_FUEL and not _settle(caller, state):
+                return ERRNO_CANCELED
+            if not valid:
                 return ERRNO_INVAL
             memory = wasmtime_ext.caller_memory(caller)
             length = len(memory)
@@ -321,9 +366,9 @@ class Sandbox:
                 now = time.monotonic()
                 if wake_at > state.deadline:
                     time.sleep(max(0.0, state.deadline - now))
-                    state.fault = GuestTimeout("guest exceeded its deadline while sleeping")
-                    wasmtime_ext.stop_guest(caller)
-                    return ERRNO_SUCCESS
+                    return _stop(
+                        caller, state, GuestTimeout("guest exceeded its deadline while sleeping")
+                    )
                 time.sleep(max(0.0, wake_at - now))
                 events, _ = _poll(raw, count, clocks_due=True)
             out = b"".join(events)
@@ -333,6 +378,114 @@ class Sandbox:
         except Exception:
             log.exception("poll_oneoff failed")
             return ERRNO_FAULT
+
+
+def _settle(caller: int, state: _RunState) -> bool:
+    """Take the host work owed from the guest's fuel and check the deadline; False if the
+    guest is out of either (it is then stopped).
+
+    Host functions add their charges to `state.fuel_owed` and settle only once it reaches
+    `SETTLE_FUEL`: reading and setting the fuel costs ~1 µs, reading the clock ~0.1 µs, and
+    a small fd_write ~3.5 µs. A run may so overdraw by less than `SETTLE_FUEL`
+    (`Sandbox.run` counts what is still owed in `fuel_used`), and a guest making host calls
+    back to back is checked against its deadline at least every ~0.1 ms of host work; the
+    epoch deadline is not enough there, since its ticker is a Python thread that such a
+    guest starves of the GIL (measured: 19 s for a 3 s deadline, 64-subscription polls).
+    """
+    now = time.monotonic()
+    if now > state.deadline:
+        _stop(caller, state, state.timed_out())
+        return False
+    fuel = wasmtime_ext.fuel_left(caller)
+    if state.fuel_owed > fuel:
+        _stop(caller, state, state.out_of_fuel())
+        return False
+    wasmtime_ext.set_fuel_left(caller, fuel - state.fuel_owed)
+    wait = state.host_time.book(state.fuel_owed / (FUEL_PER_HOST_NS * 1e9), now)
+    state.fuel_owed = 0
+    if wait:
+        if now + wait > state.deadline:
+            time.sleep(state.deadline - now)
+            _stop(caller, state, state.timed_out())
+            return False
+        time.sleep(wait)  # without the GIL: the event loop and other guests take it
+    return True
+
+
+class _HostTime:
+    """The host-call time the guests of a process may take together: at most `HOST_SHARE` of
+    the wall clock, past a burst of `HOST_BURST_S`; the rest of the GIL is the event loop's.
+
+    A guest looping on cheap host calls takes the GIL back between two calls before a
+    waiting thread wakes up, so the event loop gets it only when Python forces a switch
+    (every 5 ms), or later when that guest's thread is niced and preempted while holding it.
+    Fuel does not help there: a client keeps as many such guests running as it likes. So a
+    settling host call books its work on one virtual clock, and sleeps if it is ahead.
+    Lost updates between threads only make the bound approximate.
+    """
+
+    __slots__ = ("_busy_until",)
+
+    def __init__(self) -> None:
+        self._busy_until = 0.0
+
+    def book(self, work_s: float, now: float) -> float:
+        """Book `work_s` seconds of host work; return how long to sleep first (0: none)."""
+        busy_until = max(self._busy_until, now) + work_s / HOST_SHARE
+        self._busy_until = busy_until
+        return max(0.0, busy_until - now - HOST_BURST_S)
+
+
+def _stop(caller: int, state: _RunState, fault: GuestError) -> int:
+    """End the calling guest with `fault` (the first fault of a run is the one reported)."""
+    if state.fault is None:
+        state.fault = fault
+    wasmtime_ext.stop_guest(caller)
+    return ERRNO_CANCELED
+
+
+def _gather(
+    memory: ctypes.Array, length: int, iovs: int, iovs_len: int, fd: int, state: _RunState
+) -> tuple[int, int, int]:
+    """Append an fd_write's buffers to the run's stdout (fd 1) or stderr, iovec by iovec,
+    never past its cap: (bytes written, bytes kept, errno). Over stdout's cap or past the
+    deadline it records the fault on `state` and stops; over stderr's it drops the rest and
+    marks the stderr truncated."""
+    if fd == 1:
+        buffer, cap = state.stdout, state.limits.max_stdout_bytes
+    else:
+        buffer, cap = state.stderr, state.limits.max_stderr_bytes
+    room = room_before = cap - len(buffer)
+    written = 0
+    end = iovs + 8 * iovs_len
+    check_at = iovs + _DEADLINE_CHECK_STRIDE
+    for offset in range(iovs, end, 8):
+        if offset == check_at:
+            check_at += _DEADLINE_CHECK_STRIDE
+            if time.monotonic() > state.deadline:
+                state.fault = state.timed_out()
+                break
+        pointer, size = _IOVEC.unpack_from(memory, offset)
+        if not size:
+            continue
+        if pointer + size > length:
+            return written, room_before - room, ERRNO_FAULT
+        if written + size > _MAX_WRITE_BYTES:
+            break  # a short write, as POSIX allows
+        written += size
+        if size <= room:
+            buffer += memory[pointer : pointer + size]
+            room -= size
+            continue
+        buffer += memory[pointer : pointer + room]  # up to the cap, and not a byte more
+        room = 0
+        if fd == 1:
+            state.fault = GuestOutputTooLarge(
+                f"guest output exceeded max_response_bytes ({cap} bytes)"
+            )
+            break
+        state.stderr_truncated = True
+    return written, room_before - room, ERRNO_SUCCESS
 
 
 def _poll(raw: bytes, count: int, *, clocks_due: bool = False) -> tuple[list[bytes], float]:
@@ -371,14 +524,6 @@ def _poll(raw: bytes, count: int, *, clocks_due: bool = False) -> tuple[list[byt
             if fires_at <= wake_at
         )
     return events, wake_at
-
-
-def _append_stderr(state: _RunState, data: bytes) -> None:
-    room = state.max_stderr - len(state.stderr)
-    if len(data) > room:
-        state.stderr_truncated = True
-        data = data[: max(0, room)]
-    state.stderr += data
 
 
 def _call_error(
@@ -422,6 +567,8 @@ def _instantiation_error(exc: Exception, limits: GuestLimits) -> GuestError:
         )
     if isinstance(exc, Trap) and exc.trap_code == TrapCode.OUT_OF_FUEL:
         return GuestFuelExhausted(f"guest ran out of fuel ({limits.fuel} units) while starting")
+    if isinstance(exc, Trap) and exc.trap_code == TrapCode.INTERRUPT:  # in its start function
+        return GuestTimeout(f"guest exceeded its deadline of {limits.timeout_ms} ms while starting")
     return GuestTrap(f"guest failed to start: {message}")
 
 

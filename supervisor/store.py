@@ -17,14 +17,27 @@ Several processes and pods may share one tenants folder (a ReadWriteMany volume)
 read-modify-write of a manifest runs under `manifest_lock`, an exclusive `flock` on the
 tenant's lock file. Readers (the registry) take no lock: a rename is atomic.
 
-Manifest format (version 1):
+Manifest format (version 2):
 
-    {"format": 1,
+    {"format": 2,
      "modules": {"<name>": {<version>, "previous": <version> | null}},
      "deleted": {"<name>": {<version>, "previous": <version> | null}}}
 
 where a version is `{sha256, size, route, entrypoint, argv, volumes, uploaded_at,
-compile_s}`. `deleted` keeps what DELETE removed, so a rollback can bring it back.
+compile_s, declared_routes}`. `deleted` keeps what DELETE removed, so a rollback can bring
+it back. `declared_routes` is what the module's `_routes` export printed, run once when the
+version was uploaded: `[[pattern, export], ...]` (`[]` without `_routes`), so no load ever
+runs guest code to learn a module's routes.
+
+Format 2 grows by adding keys, never by changing one: a reader keeps every key it does not
+know, at the top level and in each version, and writes it back unchanged when it rewrites
+that entry (old and new revisions share one store during a rolling upgrade; a later one adds
+per-version outbound rules, say). A new version an upload makes holds only the keys this
+revision knows. A format above 2 is an incompatible change and is refused.
+
+Format 1 is format 2 without `declared_routes`; it is still read (the routes of such a
+version are unknown: the registry learns them once per sha256 and caches them, see
+tenants.py) and written back as format 2.
 
 The processes of one pod (`serve --workers N`) learn of each other's commits at once through
 a `ChangeCounter`, a shared mapped file that the admin API bumps after each commit; other pods
@@ -55,6 +68,7 @@ from typing import Any
 from . import policies
 from .errors import ConfigError
 from .files import fsync_directory, write_atomically
+from .outbound.rules import PatternError, parse_allow_list
 from .routing import RouteError, validate_pattern
 
 __all__ = [
@@ -64,6 +78,7 @@ __all__ = [
     "MODULES_DIR",
     "MODULE_NAME_RE",
     "ChangeCounter",
+    "DeclaredRoutes",
     "Manifest",
     "ModuleRecord",
     "ModuleVersion",
@@ -83,7 +98,8 @@ log = logging.getLogger("supervisor.store")
 MANIFEST_FILE = "manifest.json"
 MODULES_DIR = "modules"
 LOCK_FILE = ".manifest.lock"
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2
+READABLE_FORMATS = frozenset({1, 2})
 CHANGES_FILE = "admin-changes"
 """The `ChangeCounter` file, in the compiled-artifact cache folder: every process of a pod
 shares that folder, and tenants can never write it."""
@@ -95,6 +111,13 @@ _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _VERSION_KEYS = frozenset(
     {"sha256", "size", "route", "entrypoint", "argv", "volumes", "uploaded_at", "compile_s"}
 )
+_DECLARED_ROUTES = "declared_routes"
+_ALLOWED_HOSTS = "allowed_hosts"
+"""A version's outbound HTTP patterns (the upload's `allowed_host=`); absent: no requests."""
+_TOP_KEYS = frozenset({"format", "modules", "deleted"})
+
+DeclaredRoutes = tuple[tuple[str, str], ...]
+"""What a module's `_routes` printed: (pattern under the module's route, export) pairs."""
 # Temp files of `files.write_atomically` are ".<final name>.<random>.tmp".
 _TEMP_RE = re.compile(r"\..+\.tmp")
 _MANIFEST_TEMP_RE = re.compile(r"\.manifest\.json\..+\.tmp")
@@ -112,9 +135,13 @@ class ModuleVersion:
     volumes: Mapping[str, str]
     uploaded_at: str  # RFC 3339, UTC
     compile_s: float
+    declared_routes: DeclaredRoutes | None = None  # None: not known (a format 1 manifest)
+    unknown: Mapping[str, Any] = field(default_factory=dict)  # keys of a newer revision
+    allowed_hosts: tuple[str, ...] | None = None  # outbound HTTP patterns; None: no requests
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "volumes", MappingProxyType(dict(self.volumes)))
+        object.__setattr__(self, "unknown", MappingProxyType(dict(self.unknown)))
 
     @property
     def module_file(self) -> str:
@@ -123,12 +150,20 @@ class ModuleVersion:
 
     def serves_like(self, other: ModuleVersion) -> bool:
         """Same content served the same way (an upload that would change nothing)."""
-        return (self.sha256, self.route, self.entrypoint, self.argv, dict(self.volumes)) == (
+        return (
+            self.sha256,
+            self.route,
+            self.entrypoint,
+            self.argv,
+            dict(self.volumes),
+            self.allowed_hosts,
+        ) == (
             other.sha256,
             other.route,
             other.entrypoint,
             other.argv,
             dict(other.volumes),
+            other.allowed_hosts,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -143,6 +178,15 @@ class ModuleVersion:
             "compile_s": self.compile_s,
         }
 
+    def stored(self) -> dict[str, Any]:
+        """The version as the manifest holds it: `to_dict`, its routes, the keys kept."""
+        document = {**self.unknown, **self.to_dict()}
+        if self.declared_routes is not None:
+            document[_DECLARED_ROUTES] = [list(pair) for pair in self.declared_routes]
+        if self.allowed_hosts is not None:
+            document[_ALLOWED_HOSTS] = list(self.allowed_hosts)
+        return document
+
 
 @dataclass(frozen=True, slots=True)
 class ModuleRecord:
@@ -152,8 +196,14 @@ class ModuleRecord:
     previous: ModuleVersion | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        """As the admin API shows it."""
         previous = self.previous.to_dict() if self.previous else None
         return {**self.current.to_dict(), "previous": previous}
+
+    def stored(self) -> dict[str, Any]:
+        """As the manifest holds it."""
+        previous = self.previous.stored() if self.previous else None
+        return {**self.current.stored(), "previous": previous}
 
 
 @dataclass(frozen=True)
@@ -162,10 +212,12 @@ class Manifest:
 
     modules: Mapping[str, ModuleRecord] = field(default_factory=dict)
     deleted: Mapping[str, ModuleRecord] = field(default_factory=dict)
+    unknown: Mapping[str, Any] = field(default_factory=dict)  # top-level keys of a newer revision
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "modules", MappingProxyType(dict(self.modules)))
         object.__setattr__(self, "deleted", MappingProxyType(dict(self.deleted)))
+        object.__setattr__(self, "unknown", MappingProxyType(dict(self.unknown)))
 
     def with_module(self, name: str, record: ModuleRecord) -> Manifest:
         """`name` served as `record`; a tombstone of the same name is dropped."""
@@ -191,9 +243,10 @@ class Manifest:
 
     def to_json(self) -> bytes:
         document = {
+            **self.unknown,
             "format": MANIFEST_FORMAT,
-            "modules": {name: record.to_dict() for name, record in self.modules.items()},
-            "deleted": {name: record.to_dict() for name, record in self.deleted.items()},
+            "modules": {name: record.stored() for name, record in self.modules.items()},
+            "deleted": {name: record.stored() for name, record in self.deleted.items()},
         }
         return json.dumps(document, indent=1, sort_keys=False).encode() + b"\n"
 
@@ -227,11 +280,8 @@ def read_manifest(tenant_dir: Path) -> Manifest:
         raise ConfigError(source, None, f"cannot read: {exc.strerror}") from exc
     except ValueError as exc:
         raise ConfigError(source, None, f"invalid JSON: {exc}") from exc
-    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
-        raise ConfigError(source, "format", f"expected a manifest of format {MANIFEST_FORMAT}")
-    unknown = set(data) - {"format", "modules", "deleted"}
-    if unknown:
-        raise ConfigError(source, sorted(unknown)[0], "unknown key")
+    if not isinstance(data, dict) or data.get("format") not in READABLE_FORMATS:
+        raise ConfigError(source, "format", "expected a manifest of format 1 or 2")
     sections = {}
     for section in ("modules", "deleted"):
         entries = data.get(section, {})
@@ -245,7 +295,8 @@ def read_manifest(tenant_dir: Path) -> Manifest:
         for name in records:
             if not MODULE_NAME_RE.fullmatch(name):
                 raise ConfigError(source, f"{section}.{name}", "not a valid module name")
-    return Manifest(sections["modules"], sections["deleted"])
+    unknown = {key: value for key, value in data.items() if key not in _TOP_KEYS}
+    return Manifest(sections["modules"], sections["deleted"], unknown)
 
 
 def _parse_record(entry: object, *, source: str, key: str) -> ModuleRecord:
@@ -264,10 +315,9 @@ def _parse_record(entry: object, *, source: str, key: str) -> ModuleRecord:
 def _parse_version(entry: object, *, source: str, key: str) -> ModuleVersion:
     if not isinstance(entry, dict):
         raise ConfigError(source, key, "must be an object")
-    if set(entry) != _VERSION_KEYS:
-        missing = sorted(_VERSION_KEYS - set(entry))
-        extra = sorted(set(entry) - _VERSION_KEYS)
-        raise ConfigError(source, key, f"missing keys {missing}, unknown keys {extra}")
+    missing = sorted(_VERSION_KEYS - set(entry))
+    if missing:
+        raise ConfigError(source, key, f"missing keys {missing}")
     checks = (
         ("sha256", isinstance(entry["sha256"], str) and _SHA256_RE.fullmatch(entry["sha256"])),
         ("size", isinstance(entry["size"], int) and entry["size"] > 0),
@@ -293,7 +343,44 @@ def _parse_version(entry: object, *, source: str, key: str) -> ModuleVersion:
         volumes=policies.parse_volumes(f"{source}: {key}", entry["volumes"]),
         uploaded_at=entry["uploaded_at"],
         compile_s=float(entry["compile_s"]),
+        declared_routes=_parse_declared_routes(
+            entry.get(_DECLARED_ROUTES), source=source, key=f"{key}.{_DECLARED_ROUTES}"
+        ),
+        unknown={
+            name: value
+            for name, value in entry.items()
+            if name not in _VERSION_KEYS and name not in (_DECLARED_ROUTES, _ALLOWED_HOSTS)
+        },
+        allowed_hosts=_parse_allowed_hosts(
+            entry.get(_ALLOWED_HOSTS), source=source, key=f"{key}.{_ALLOWED_HOSTS}"
+        ),
     )
+
+
+def _parse_allowed_hosts(value: object, *, source: str, key: str) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise ConfigError(source, key, "must be an array of strings")
+    try:
+        parse_allow_list(value)
+    except PatternError as exc:
+        raise ConfigError(source, key, str(exc)) from None
+    return tuple(value)
+
+
+def _parse_declared_routes(value: object, *, source: str, key: str) -> DeclaredRoutes | None:
+    """`[[pattern, export], ...]`, or None (absent: a format 1 version)."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(
+        isinstance(pair, list)
+        and len(pair) == 2
+        and all(isinstance(part, str) and part for part in pair)
+        for pair in value
+    ):
+        raise ConfigError(source, key, "must be a list of [pattern, export] string pairs")
+    return tuple((pattern, export) for pattern, export in value)
 
 
 def write_manifest(tenant_dir: Path, manifest: Manifest) -> None:

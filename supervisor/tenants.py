@@ -2,8 +2,10 @@
 
 A tenant is served when `policies/<name>.toml` validates; its routes come from
 `tenants/<name>/modules.toml` (WAGI format, the operator's), `tenants/<name>/manifest.json` (the
-named modules the admin API uploads, store.py) and each module's `_routes`. A route claimed by
-two owners (modules.toml and a named module, or two named modules) is a `RouteConflict`.
+named modules the admin API uploads, store.py) and the routes each module declares through
+`_routes` (declared_routes.py: learned once per sha256 and stored, so loading a tenant never
+runs guest code). A route claimed by two owners (modules.toml and a named module, or two named
+modules) is a `RouteConflict`; more routes than `max_routes` is a ConfigError naming it.
 The registry's whole state is one immutable `RegistryState`, swapped in a single assignment,
 so a request reads a consistent view without locks.
 
@@ -11,13 +13,19 @@ Reload is incremental and never loses service: the policy folder is parsed again
 the `stat` of one of its entries changes, and a tenant is rebuilt only when its policy differs
 or the `stat` of one of its own files (modules.toml, manifest.json, each module) changes. A
 tenant that fails to rebuild keeps its last good state while the error is reported with file,
-key and reason. One broken tenant never stops the others.
+key and reason, and is tried again with backoff (at once when its files change again). One
+broken tenant never stops the others.
+
+A worker that keeps serving a tenant from an older manifest than the one on disk (the pod, or
+another pod, committed it and this worker failed to load it) has split from the pod:
+`divergence` says so in one line, and `/healthz` answers 503 with it until a retry converges.
 
 Everything but `watch` blocks (file I/O, compiling): call it from a worker thread.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -33,6 +41,13 @@ import trio
 from . import oci, policies, store
 from .admission import TenantLimits
 from .compiler import CompileLimits
+from .declared_routes import (
+    Declared,
+    RoutesCache,
+    RoutesRefused,
+    check_route_count,
+    run_routes_export,
+)
 from .errors import ConfigError, ModuleRejected, RouteConflict, SupervisorError
 from .modules import ArtifactCache, CompiledModule, to_binary
 from .outbound import abi as outbound_abi
@@ -44,7 +59,6 @@ from .routing import (
     RouteError,
     RouteTable,
     join_route,
-    parse_routes_output,
     validate_pattern,
 )
 from .sandbox import GuestLimits, PreparedModule, Sandbox, Volume
@@ -56,12 +70,21 @@ T = TypeVar("T")
 MODULES_FILE = "modules.toml"
 PULLED_MODULES_DIR = "oci"
 """Under the pod's cache folder: the manifests and layers of `oci:` modules, by digest."""
-ROUTES_EXPORT = "_routes"
 DEFAULT_ENTRYPOINT = "_start"
 WATCH_INTERVAL_S = 1.0
 """How often files are checked for changes; pods sharing a folder see uploads within this."""
 YIELD_EVERY_S = 0.0005
 """A reload offers the GIL this often: the event loop waits about this long at worst."""
+CATCH_UP_LOCK_WAIT_S = 0.05
+"""How long a request's catch-up waits for a reload already running (a poll of unchanged
+tenants takes milliseconds); past it, the request is served from the state in force and the
+next poll brings the change."""
+RETRY_FIRST_S = 1.0
+RETRY_MAX_S = 32.0
+"""A tenant that failed to rebuild from unchanged files is tried again after RETRY_FIRST_S,
+doubling up to RETRY_MAX_S: a fault that goes away (a file another pod is still writing, a
+full disk, no free descriptors) is outgrown, and one that stays costs a rebuild a half-minute,
+not one a poll."""
 
 _MODULE_KEYS = frozenset(
     {"route", "module", "entrypoint", "argv", "volumes", "allowed_hosts", "http_max_concurrency"}
@@ -80,6 +103,7 @@ class ModuleSpec:
     volumes: Mapping[str, str] = field(default_factory=dict)
     allowed_hosts: tuple[str, ...] | None = None  # outbound HTTP patterns; None: no requests
     http_max_concurrency: int | None = None  # outbound responses a guest may hold at once
+    declared_routes: store.DeclaredRoutes | None = None  # stored at upload; None: learn them
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +173,19 @@ class WatchedFiles:
 
     def unchanged(self) -> bool:
         return self.keys == _stat_keys(self.paths)
+
+
+class _Deferred(Exception):
+    """A tenant's change needs compiling or guest code: left to the background reload."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Retry:
+    """When a tenant that failed to rebuild is tried again, unless its files change first."""
+
+    files: tuple  # the stat keys of the files it was built from at the failure
+    at: float  # time.monotonic()
+    delay_s: float
 
 
 EMPTY_STATE = RegistryState(MappingProxyType({}), MappingProxyType({}), (), MappingProxyType({}))
@@ -247,12 +284,18 @@ class TenantRegistry:
         self.reload_errors = 0  # failed loads since start (a counter for metrics)
         self._watched: dict[str, WatchedFiles] = {}  # tenant -> its files when last built
         self._prepared: dict[str, PreparedModule] = {}  # sha256 -> linked module
-        self._routes_output: dict[str, list[tuple[str, str]]] = {}  # sha256 -> `_routes`
+        self._routes_output: dict[str, Declared] = {}  # sha256 -> `_routes` (modules.toml)
+        self.routes_cache = RoutesCache(cache.directory)
+        self._retries: dict[str, _Retry] = {}  # tenant -> its next try after a failure
+        self.divergence: str | None = None
+        """Why this worker does not serve what the pod committed (one line, no paths), or
+        None: `/healthz` answers 503 with it."""
         self._file_digests: dict[tuple, CompiledModule] = {}  # (path, stat) -> compiled
         self._lock = threading.Lock()
         self._policy_set: policies.PolicySet | None = None
         self._policy_key: tuple = ()
         self.outbound = TenantClients()  # kept-alive outbound pools and their stats, by tenant
+        self._policy_retry = _Retry((), 0.0, 0.0)  # when a set with errors is parsed again
 
     def build_tenant(self, name: str, manifest: store.Manifest) -> Tenant:
         """Build served tenant `name` as it would be with `manifest`, without serving it.
@@ -265,10 +308,40 @@ class TenantRegistry:
             raise ConfigError(name, None, "not a served tenant")
         return self._load_tenant(name, tenant.policy, manifest)
 
-    def reload(self, *, force: bool = False) -> RegistryState:
-        """Rebuild every tenant whose inputs changed (all of them with `force`). Blocking."""
-        with self._lock:
-            return self._reload(force)
+    def reload(self, *, force: bool = False, on_request_path: bool = False) -> RegistryState:
+        """Rebuild every tenant whose inputs changed (all of them with `force`). Blocking.
+
+        `on_request_path`: for a request that waits (a catch-up). It waits for a reload
+        already running only CATCH_UP_LOCK_WAIT_S, and rebuilds only the tenants that need
+        neither compiling nor guest code (an upload: artifact cached, routes stored); the
+        others keep serving their old state until the background poll has built the new one.
+        """
+        if not self._lock.acquire(timeout=CATCH_UP_LOCK_WAIT_S if on_request_path else -1):
+            # A long reload runs (compiling): the next poll brings the change. Seen, so the
+            # requests that follow do not each wait again.
+            log.info("catch-up: a reload is running; left to the background reload")
+            if self.changes is not None:
+                self._changes_seen = self.changes.value()
+            return self.state
+        try:
+            return self._reload(force, on_request_path)
+        except Exception:
+            # Nothing was rebuilt: every tenant is served as it was built.
+            self.divergence = _divergence(list(self.state.tenants), self._watched)
+            raise
+        finally:
+            self._lock.release()
+
+    def declare_routes(self, module: CompiledModule, policy: Policy, *, name: str) -> Declared:
+        """What an uploaded module's `_routes` declares, checked against `policy` (the upload
+        stores it in the manifest). It runs only if the pod never saw this content. Raises
+        ModuleRejected naming the limit. Blocking."""
+        prepared = self._prepare(module, source=name)
+        declared = self._learn_routes(module, prepared, policy, name)
+        check_route_count(
+            declared.routes, max_routes_per_module=policy.max_routes_per_module, name=name
+        )
+        return declared
 
     def behind(self) -> bool:
         """True when another process of the pod committed an admin change since the last
@@ -276,10 +349,21 @@ class TenantRegistry:
         return self.changes is not None and self.changes.value() != self._changes_seen
 
     async def catch_up(self) -> None:
-        """Reload now, once for all the requests that found the registry `behind`."""
+        """Reload now, once for all the requests that found the registry `behind`.
+
+        Loading an upload reads its stored routes and its compiled artifact: no guest code
+        runs, and what would need compiling is left to `watch` (`reload(on_request_path=
+        True)`). A reload that fails leaves the old state serving and `divergence` set;
+        `watch` tries again.
+        """
         async with self._catching_up:
             if self.behind():
-                await trio.to_thread.run_sync(self.reload)
+                try:
+                    await trio.to_thread.run_sync(
+                        functools.partial(self.reload, on_request_path=True)
+                    )
+                except Exception:
+                    log.exception("catch-up reload failed; serving the last good state")
 
     async def watch(self, interval_s: float = WATCH_INTERVAL_S) -> None:
         """Poll for changed files forever (cancel to stop)."""
@@ -290,7 +374,7 @@ class TenantRegistry:
             except Exception:
                 log.exception("tenant reload failed")
 
-    def _reload(self, force: bool) -> RegistryState:
+    def _reload(self, force: bool, on_request_path: bool) -> RegistryState:
         old = self.state
         if self.changes is not None:  # before any file is read: a later change moves it again
             self._changes_seen = self.changes.value()
@@ -299,6 +383,7 @@ class TenantRegistry:
         defaults_broken = policies.DEFAULTS_FILE in policy_set.errors
         tenants: dict[str, Tenant] = {}
         watched: dict[str, WatchedFiles] = {}
+        stale: list[str] = []  # tenants kept in their last good state after a failed build
         rebuilt = False
         names = set(policy_set.policies) | {
             name for name in old.tenants if f"{name}.toml" in policy_set.errors
@@ -323,13 +408,19 @@ class TenantRegistry:
                 tenants[name] = previous
                 watched[name] = self._watched[name]
                 continue
+            # Stat the tenant's files before reading them: a file replaced while it is read
+            # (another pod's upload) then differs from these keys next time.
+            tenant_dir = self.tenants_dir / name
+            files = (str(tenant_dir / MODULES_FILE), str(tenant_dir / store.MANIFEST_FILE))
+            before = _stat_keys(files)
+            retry = self._retries.get(name)
+            if not force and previous is not None and _waiting(retry, before):
+                tenants[name] = previous
+                watched[name] = self._watched[name]
+                stale.append(name)
+                continue
             try:
-                # Stat the tenant's files before reading them: a file replaced while it is
-                # read (another pod's upload) then differs from these keys next time.
-                tenant_dir = self.tenants_dir / name
-                files = (str(tenant_dir / MODULES_FILE), str(tenant_dir / store.MANIFEST_FILE))
-                before = _stat_keys(files)
-                tenant = self._load_tenant(name, policy)
+                tenant = self._load_tenant(name, policy, on_request_path=on_request_path)
                 modules = tuple(
                     str(tenant_dir / module)
                     for module in tenant.modules
@@ -337,12 +428,20 @@ class TenantRegistry:
                 )
                 tenants[name] = tenant
                 watched[name] = WatchedFiles(files + modules, before + _stat_keys(modules))
+                self._retries.pop(name, None)
                 rebuilt = True
+            except _Deferred as exc:
+                log.info("tenant %s: %s; left to the background reload", name, exc)
+                if previous is not None:  # its old files' keys: the next poll rebuilds it
+                    tenants[name] = previous
+                    watched[name] = self._watched[name]
             except SupervisorError as exc:
                 errors[name] = exc.message
+                self._retries[name] = _next_retry(retry, before)
                 if previous is not None:
                     tenants[name] = previous
                     watched[name] = self._watched[name]
+                    stale.append(name)
         for name, message in errors.items():
             if old.errors.get(name) != message:
                 self.reload_errors += 1
@@ -351,6 +450,7 @@ class TenantRegistry:
             self._forget_unused(tenants)
         exact, wildcard = self._host_maps(tenants, errors)
         self._watched = watched
+        self.divergence = _divergence(stale, watched)
         self.state = RegistryState(
             MappingProxyType(tenants),
             MappingProxyType(exact),
@@ -382,16 +482,32 @@ class TenantRegistry:
 
         A poll of 1,000 unchanged tenants spent most of its ~100 ms (every second, holding
         the GIL) re-parsing policy files; listing and stat-ing the folder costs a few ms.
+        A set with errors is parsed again with backoff even when nothing changed: a read that
+        failed for a moment (no free descriptor) must not be kept until the folder changes.
         """
         key = _folder_key(str(self.policies_dir))
-        if force or self._policy_set is None or key != self._policy_key:
+        retry_due = (
+            self._policy_set is not None
+            and bool(self._policy_set.errors)
+            and time.monotonic() >= self._policy_retry.at
+        )
+        if force or self._policy_set is None or key != self._policy_key or retry_due:
             self._policy_set = policies.load_policy_dir(self.policies_dir)
+            if self._policy_set.errors:
+                self._policy_retry = _next_retry(self._policy_retry, key)
             self._policy_key = key
         return self._policy_set
 
     def _load_tenant(
-        self, name: str, policy: Policy, manifest: store.Manifest | None = None
+        self,
+        name: str,
+        policy: Policy,
+        manifest: store.Manifest | None = None,
+        *,
+        on_request_path: bool = False,
     ) -> Tenant:
+        """Build tenant `name`; `on_request_path` raises _Deferred rather than compile a
+        module or run its `_routes`."""
         tenant_dir = self.tenants_dir / name
         modules_file = tenant_dir / MODULES_FILE
         specs = (
@@ -399,13 +515,7 @@ class TenantRegistry:
             if modules_file.exists()
             else []
         )
-        guest_limits = GuestLimits(
-            fuel=policy.fuel_per_request,
-            memory_bytes=policy.memory_bytes,
-            timeout_ms=policy.timeout_ms,
-            max_stdout_bytes=policy.max_response_bytes,
-            max_stderr_bytes=policy.max_stderr_bytes,
-        )
+        guest_limits = _guest_limits(policy)
         policy_volumes = _resolve_volumes(tenant_dir, policy.volumes, source=f"{name} policy")
         # (owner, source, spec): modules.toml entries, then the named modules by name.
         entries: list[tuple[str | None, str, ModuleSpec]] = [
@@ -425,7 +535,9 @@ class TenantRegistry:
         for owner, source, spec in entries:
             module = compiled.get(spec.module)
             if module is None:
-                module = self._compile(tenant_dir, spec.module, policy, source=source)
+                module = self._compile(
+                    tenant_dir, spec.module, policy, source=source, on_request_path=on_request_path
+                )
                 compiled[spec.module] = module
             if owner is not None and spec.module != f"{store.MODULES_DIR}/{module.sha256}.wasm":
                 raise ConfigError(source, "sha256", f"{spec.module} does not hold that content")
@@ -452,7 +564,18 @@ class TenantRegistry:
                 grant,
             )
             own_routes = [Route(spec.route, target)]
-            for pattern, export in self._routes_of(module, prepared, guest_limits, source):
+            declared = spec.declared_routes
+            if declared is None:
+                declared = self._routes_of(
+                    module, prepared, policy, spec.module, source, learn=not on_request_path
+                )
+            try:
+                check_route_count(
+                    declared, max_routes_per_module=policy.max_routes_per_module, name=spec.module
+                )
+            except RoutesRefused as exc:
+                raise ConfigError(source, exc.key, exc.message) from exc
+            for pattern, export in declared:
                 _check_entrypoint(prepared, export, source=f"{source} `_routes`")
                 sub_target = RouteTarget(
                     spec.module, module.sha256, prepared, export, spec.argv, volumes, owner, grant
@@ -464,6 +587,13 @@ class TenantRegistry:
             for route in own_routes:
                 _claim(owners, route.pattern, owner, source)
             routes += own_routes
+            if len(routes) > policy.max_routes:
+                raise ConfigError(
+                    source,
+                    "max_routes",
+                    f"tenant {name!r} would serve more than max_routes ({policy.max_routes})"
+                    " routes",
+                )
         _check_artifact_bytes(self.cache, compiled.values(), policy, source=f"tenant {name}")
         return Tenant(
             name=name,
@@ -476,8 +606,18 @@ class TenantRegistry:
             modules=MappingProxyType(compiled),
         )
 
-    def _compile(self, tenant_dir: Path, relative: str, policy: Policy, *, source: str):
+    def _compile(
+        self,
+        tenant_dir: Path,
+        relative: str,
+        policy: Policy,
+        *,
+        source: str,
+        on_request_path: bool = False,
+    ):
         if oci.is_reference(relative):
+            if on_request_path:  # a registry round trip: the poll's work
+                raise _Deferred(f"{relative} is not pulled yet")
             return self._compile_pulled(relative, policy, source=source)
         path = (tenant_dir / relative).resolve()
         if not path.is_relative_to(tenant_dir.resolve()):
@@ -497,6 +637,8 @@ class TenantRegistry:
             if cached is not None:
                 self._file_digests[key] = cached
                 return cached
+        if on_request_path:  # reading, hashing, maybe compiling: the poll's work
+            raise _Deferred(f"{relative} is not loaded yet")
         try:
             raw = path.read_bytes()
         except OSError as exc:
@@ -540,24 +682,53 @@ class TenantRegistry:
         self,
         module: CompiledModule,
         prepared: PreparedModule,
-        limits: GuestLimits,
+        policy: Policy,
+        name: str,
         source: str,
-    ) -> list[tuple[str, str]]:
-        """Call the module's `_routes` export once per content (no args, env or stdin)."""
-        if ROUTES_EXPORT not in prepared.exports:
-            return []
-        cached = self._routes_output.get(module.sha256)
-        if cached is not None:
-            return cached
-        run = self.sandbox.run(prepared, ROUTES_EXPORT, argv=[], env={}, stdin=b"", limits=limits)
-        if run.error is not None:
-            raise ConfigError(source, "_routes", f"failed: {run.error.message}")
+        *,
+        learn: bool,
+    ) -> store.DeclaredRoutes:
+        """The routes a module not uploaded through the admin API declares: from memory, else
+        the routes cache, else (when `learn`; raises _Deferred if not) its `_routes` run once
+        for the whole pod and stored."""
+        if not learn and module.sha256 not in self._routes_output:
+            declared = self.routes_cache.peek(module.sha256)
+            if declared is None:
+                raise _Deferred(f"the routes of {name} are not known yet")
+            self._routes_output[module.sha256] = declared
         try:
-            entries = parse_routes_output(run.stdout.decode("utf-8", errors="replace"))
-        except RouteError as exc:
-            raise ConfigError(source, "_routes", str(exc)) from exc
-        self._routes_output[module.sha256] = entries
-        return entries
+            return self._learn_routes(module, prepared, policy, name).routes
+        except RoutesRefused as exc:
+            raise ConfigError(source, exc.key, exc.message) from exc
+
+    def _learn_routes(
+        self, module: CompiledModule, prepared: PreparedModule, policy: Policy, name: str
+    ) -> Declared:
+        """From memory, else the pod's routes cache, else `_routes` run once and stored.
+
+        Raises RoutesRefused naming the limit.
+        """
+        declared = self._routes_output.get(module.sha256)
+        limit = policy.max_routes_output_bytes
+        if declared is None:
+            declared = self.routes_cache.get(
+                module.sha256,
+                lambda: run_routes_export(
+                    self.sandbox,
+                    prepared,
+                    _guest_limits(policy),
+                    max_output_bytes=limit,
+                    name=name,
+                ),
+            )
+            self._routes_output[module.sha256] = declared
+        if declared.output_bytes > limit:  # learned under another tenant's larger limit
+            raise RoutesRefused(
+                f"{name}: `_routes` printed {declared.output_bytes} bytes, over"
+                f" max_routes_output_bytes ({limit})",
+                key="max_routes_output_bytes",
+            )
+        return declared
 
     @staticmethod
     def _host_maps(
@@ -622,7 +793,60 @@ def _check_artifact_bytes(
 def _manifest_spec(record: store.ModuleRecord) -> ModuleSpec:
     version = record.current
     return ModuleSpec(
-        version.route, version.module_file, version.entrypoint, version.argv, version.volumes
+        version.route,
+        version.module_file,
+        version.entrypoint,
+        version.argv,
+        version.volumes,
+        declared_routes=version.declared_routes,
+        allowed_hosts=version.allowed_hosts,
+    )
+
+
+def _guest_limits(policy: Policy) -> GuestLimits:
+    return GuestLimits(
+        fuel=policy.fuel_per_request,
+        memory_bytes=policy.memory_bytes,
+        timeout_ms=policy.timeout_ms,
+        max_stdout_bytes=policy.max_response_bytes,
+        max_stderr_bytes=policy.max_stderr_bytes,
+        max_poll_subscriptions=policy.max_poll_subscriptions,
+    )
+
+
+def _waiting(retry: _Retry | None, files: tuple) -> bool:
+    """Whether a tenant that failed to rebuild from these same files must wait to retry."""
+    return retry is not None and retry.files == files and time.monotonic() < retry.at
+
+
+def _next_retry(retry: _Retry | None, files: tuple) -> _Retry:
+    """The retry after one more failure: the delay doubles while the files stay the same."""
+    delay = RETRY_FIRST_S
+    if retry is not None and retry.files == files:
+        delay = min(retry.delay_s * 2, RETRY_MAX_S)
+    return _Retry(files, time.monotonic() + delay, delay)
+
+
+def _divergence(stale: list[str], watched: Mapping[str, WatchedFiles]) -> str | None:
+    """One line naming the tenants served from an older manifest than the one on disk.
+
+    The manifest is only ever written by a commit that built it (the admin API's dry run), so
+    a worker that fails to build it has split from the workers and pods that do. A tenant kept
+    for a broken policy file is left out: every worker reads the same file, so they agree,
+    and the operator's error is reported as such (one tenant's policy must not make the pod
+    unready).
+    """
+    behind = [
+        name
+        for name in stale
+        if _stat_key(watched[name].paths[1]) != watched[name].keys[1]  # manifest.json
+    ]
+    if not behind:
+        return None
+    return (
+        f"this worker cannot load the manifest the pod committed for tenant {behind[0]!r}"
+        + (f" and {len(behind) - 1} more" if len(behind) > 1 else "")
+        + "; see the server log"
     )
 
 

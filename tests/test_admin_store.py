@@ -3,6 +3,7 @@ garbage collection and the cross-process lock."""
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -47,13 +48,16 @@ def test_no_manifest_is_an_empty_one(tmp_path: Path):
 @pytest.mark.parametrize(
     ("edit", "key"),
     [
-        (lambda d: d.update(format=2), "format"),
-        (lambda d: d.update(extra=1), "extra"),
+        (lambda d: d.update(format=3), "format"),
         (lambda d: d["modules"]["a"].update(size="big"), "modules.a.size"),
         (lambda d: d["modules"]["a"].pop("route"), "modules.a"),
         (lambda d: d["modules"]["a"].update(route="nope"), "modules.a.route"),
         (lambda d: d["modules"]["a"]["previous"].update(sha256="x"), "modules.a.previous.sha256"),
         (lambda d: d["modules"].update({"Bad": d["modules"]["a"]}), "modules.Bad"),
+        (
+            lambda d: d["modules"]["a"].update(declared_routes=[["/x"]]),
+            "modules.a.declared_routes",
+        ),
     ],
 )
 def test_a_hand_edited_manifest_is_refused_naming_the_key(tmp_path: Path, edit, key):
@@ -67,6 +71,51 @@ def test_a_hand_edited_manifest_is_refused_naming_the_key(tmp_path: Path, edit, 
     with pytest.raises(ConfigError) as info:
         store.read_manifest(tmp_path)
     assert info.value.key == key and info.value.source == str(path)
+
+
+def test_format_2_is_written_with_the_routes_each_version_declared(tmp_path: Path):
+    declared = dataclasses.replace(version("2"), declared_routes=())
+    routed = dataclasses.replace(version("3"), declared_routes=(("/a", "alt_a"),))
+    manifest = store.Manifest({"a": store.ModuleRecord(routed, declared)})
+    store.write_manifest(tmp_path, manifest)
+    document = json.loads((tmp_path / store.MANIFEST_FILE).read_text())
+    assert document["format"] == 2
+    assert document["modules"]["a"]["declared_routes"] == [["/a", "alt_a"]]
+    assert document["modules"]["a"]["previous"]["declared_routes"] == []
+    assert store.read_manifest(tmp_path) == manifest
+
+
+def test_a_format_1_manifest_loads_with_its_routes_unknown(tmp_path: Path):
+    """What the previous revision wrote: no `declared_routes` anywhere."""
+    written = version("1")
+    entry = {**written.to_dict(), "previous": None}
+    document = {"format": 1, "modules": {"a": entry}, "deleted": {}}
+    (tmp_path / store.MANIFEST_FILE).write_text(json.dumps(document))
+    manifest = store.read_manifest(tmp_path)
+    assert manifest.modules["a"].current == written
+    assert manifest.modules["a"].current.declared_routes is None
+
+
+def test_keys_a_newer_revision_added_survive_a_rewrite(tmp_path: Path):
+    """A rolling upgrade: a newer revision's keys (top level, and per version) are kept when
+    this one rewrites the manifest, and stay with the version they came with."""
+    store.write_manifest(
+        tmp_path, store.Manifest({"a": store.ModuleRecord(version("2"), version("1"))})
+    )
+    path = tmp_path / store.MANIFEST_FILE
+    document = json.loads(path.read_text())
+    document["generation"] = {"by": "next"}
+    document["modules"]["a"]["labels"] = ["api.example.com"]
+    document["modules"]["a"]["previous"]["labels"] = []
+    path.write_text(json.dumps(document))
+
+    manifest = store.read_manifest(tmp_path)
+    store.write_manifest(tmp_path, manifest.with_module("b", store.ModuleRecord(version("9"))))
+    rewritten = json.loads(path.read_text())
+    assert rewritten["generation"] == {"by": "next"}
+    assert rewritten["modules"]["a"]["labels"] == ["api.example.com"]
+    assert rewritten["modules"]["a"]["previous"]["labels"] == []
+    assert "labels" not in rewritten["modules"]["b"]
 
 
 def test_a_torn_manifest_is_refused(tmp_path: Path):

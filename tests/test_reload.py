@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import textwrap
+import time
 from collections.abc import Callable
 
 import httpx
@@ -21,7 +22,7 @@ from test_lifecycle import serve_process
 
 from supervisor.modules import ArtifactCache
 from supervisor.sandbox import Sandbox
-from supervisor.tenants import TenantRegistry
+from supervisor.tenants import RETRY_FIRST_S, TenantRegistry
 
 CHANGE_TIMEOUT_S = 5.0
 """For a change on disk to be served: many polls of the registry, on a loaded machine too."""
@@ -380,3 +381,49 @@ async def test_sighup_reloads_a_change_the_file_poll_cannot_see(workspace):
                 await trio.sleep(POLL_S)
         assert (await http.get("/demo/hello")).status_code == 404
     assert "SIGHUP: reloading" in server.log()
+
+
+def test_a_tenant_that_fails_to_rebuild_from_unchanged_files_is_retried_with_backoff(
+    workspace: Workspace,
+):
+    """Each failed try compiles the broken module again (a cache miss): while nothing the
+    tenant is built from changes, tries come after RETRY_FIRST_S, then twice that; the
+    module fixed in place is served at the next try, with no change to modules.toml."""
+    folder = workspace.add_tenant("t", {"/hello": "hello.wat"})
+    invalid = '(module (memory (export "memory") 1) (func (export "_start") i32.const 1))'
+    (folder / "bad.wat").write_text(invalid)  # parses, but a body does not validate
+    with Sandbox() as sandbox:
+        cache = ArtifactCache(workspace.cache, sandbox.engine, sandbox.settings)
+        registry = TenantRegistry(workspace.tenants, workspace.policies, sandbox, cache)
+        registry.reload()
+        entries = (folder / "modules.toml").read_text()
+        (folder / "next.toml").write_text(
+            entries + '[[module]]\nroute = "/bad"\nmodule = "bad.wat"\n'
+        )
+        (folder / "next.toml").replace(folder / "modules.toml")
+        failed_at = time.monotonic()
+        registry.reload()
+        assert "bad.wat" in registry.state.errors["t"]
+        tries = cache.misses
+        for _ in range(5):  # polls while the first delay runs: no new try
+            registry.reload()
+        assert cache.misses == tries
+
+        def reload_until(check, bound_s: float) -> float:
+            started = time.monotonic()
+            while not check():
+                assert time.monotonic() - started < bound_s, "no retry within the bound"
+                time.sleep(0.02)  # a poll interval, as `watch` has
+                registry.reload()
+            return time.monotonic()
+
+        retried_at = reload_until(lambda: cache.misses > tries, 3 * RETRY_FIRST_S)
+        assert retried_at - failed_at >= RETRY_FIRST_S
+        assert registry.state.tenants["t"].routes.match("/bad") is None  # last good state
+        (folder / "bad.wat").write_text(greeting_wat("fixed"))
+        fixed_at = reload_until(
+            lambda: registry.state.tenants["t"].routes.match("/bad") is not None,
+            4 * RETRY_FIRST_S,
+        )
+        assert fixed_at - retried_at >= 2 * RETRY_FIRST_S * 0.9  # the delay doubled
+        assert "t" not in registry.state.errors

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import wasmtime
 
+from supervisor.errors import GuestTimeout
 from supervisor.sandbox import GuestLimits, Sandbox
 
 GUESTS = Path(__file__).parent / "guests"
+HOSTILE_GUESTS = Path(__file__).parent / "hostile" / "guests"
 BENCH_GUESTS = Path(__file__).parent.parent / "bench" / "guests"
 DEMO = Path(__file__).parent.parent / "tenants" / "demo"
 LIMITS = GuestLimits(
@@ -69,3 +72,27 @@ def test_a_nul_ends_its_own_string_and_no_other(sandbox):
     assert (
         _output(sandbox, DEMO / "echo.wat", argv, env) == "\n---\nPATH_INFO=/a\nN=n\u00e4\nLAST=z\n"
     )
+
+
+def test_a_gather_write_to_stderr_keeps_the_allowance_and_drops_the_rest(sandbox):
+    """64 GiB a call named by 65,536 iovecs, in a loop: kept up to max_stderr_bytes only,
+    and the deadline ends it, checked inside the calls."""
+    limits = replace(LIMITS, timeout_ms=100, max_stderr_bytes=4096)
+    wat = (HOSTILE_GUESTS / "host_calls_gather_stderr.wat").read_text()
+    prepared = sandbox.prepare(wasmtime.Module(sandbox.engine, wat))
+    run = sandbox.run(prepared, "_start", argv=["/"], env={}, stdin=b"", limits=limits)
+    assert isinstance(run.error, GuestTimeout)
+    assert (run.stderr, run.stderr_truncated) == (bytes(4096), True)
+    assert run.duration_s < 0.5
+
+
+def test_a_guest_looping_on_host_calls_leaves_the_gil_half_the_time(sandbox):
+    """poll_oneoff refused (EINVAL) in an endless loop: each call is ~1.5 µs of host Python,
+    and back to back they would keep the GIL from the event loop. The process's host-call
+    budget (HOST_SHARE) makes the guest sleep, without the GIL, for most of its run."""
+    limits = replace(LIMITS, timeout_ms=300, fuel=10**13, max_poll_subscriptions=32)
+    wat = (HOSTILE_GUESTS / "host_calls_poll_loop.wat").read_text()  # asks for 64
+    prepared = sandbox.prepare(wasmtime.Module(sandbox.engine, wat))
+    run = sandbox.run(prepared, "_start", argv=["/"], env={}, stdin=b"", limits=limits)
+    assert isinstance(run.error, GuestTimeout)
+    assert run.cpu_s < 0.5 * run.duration_s, (run.cpu_s, run.duration_s)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import http.server
+import json
 import logging
 import shutil
 import socket
@@ -26,6 +27,7 @@ import httpx
 import pytest
 import trio
 
+from supervisor.auth import token_sha256
 from supervisor.outbound import client
 
 GUESTS = Path(__file__).parent / "guests"
@@ -609,3 +611,36 @@ async def test_outbound_connections_of_the_process_are_bounded_and_given_back(
     running.app.registry.outbound.close()  # what shutdown does
     assert client.OPEN_CONNECTIONS.open == already
     assert "req=0" in (await call(running, upstream.url("/hello")))[1]
+
+
+async def test_an_uploaded_module_gets_its_allowed_hosts_from_the_upload_and_keeps_them(
+    workspace, start_supervisor, upstream
+):
+    origin = f"http://127.0.0.1:{upstream.port}"
+    workspace.add_tenant("t", {}, f'outbound_hosts = ["{origin}"]\n')
+    running = await start_supervisor(admin_token_sha256=token_sha256("operator"))
+    admin = {"authorization": "Bearer operator"}
+    url = "/_admin/v1/tenants/t/modules/call"
+    source = (GUESTS / "outbound_call.wat").read_bytes()
+    bad = await running.client.put(
+        url, content=source, headers=admin, params={"route": "/call", "allowed_host": "nope"}
+    )
+    assert bad.status_code == 400 and "allowed_host 'nope'" in bad.text
+    params = [("route", "/call"), ("allowed_host", "https://x.test"), ("allowed_host", origin)]
+    uploaded = await running.client.put(url, content=source, headers=admin, params=params)
+    assert uploaded.status_code == 201, uploaded.text
+    manifest = json.loads((workspace.tenants / "t" / "manifest.json").read_text())
+    assert manifest["modules"]["call"]["allowed_hosts"] == ["https://x.test", origin]
+    assert "req=0 status=200" in (await call(running, upstream.url("/hello")))[1]
+    # A re-upload without a query serves like the version it replaces: its hosts too.
+    other = source.replace(
+        b'(data (i32.const 148) "\\nend\\n")', b'(data (i32.const 148) "\\nEND\\n")'
+    )
+    assert other != source
+    again = await running.client.put(url, content=other, headers=admin)
+    assert again.status_code == 201, again.text
+    assert "req=0 status=200" in (await call(running, upstream.url("/hello")))[1]
+    # An upload that names no allowed_host makes no requests.
+    none = await running.client.put(url, content=other, headers=admin, params={"route": "/call"})
+    assert none.status_code == 201, none.text
+    assert req_code((await call(running, upstream.url("/hello")))[1]) == 7
