@@ -66,7 +66,7 @@ from .errors import (
     Unauthorized,
 )
 from .modules import to_binary
-from .outbound.rules import PatternError, parse_allow_list
+from .outbound.rules import PatternError, check_entry
 from .policies import is_valid_tenant_name, parse_volumes
 from .routing import RouteError, validate_pattern
 from .server import Request, RequestBody, Response
@@ -518,10 +518,9 @@ def _upload_settings(query: str, existing: store.ModuleRecord | None) -> store.M
     allowed_hosts = values.get("allowed_host")
     for pattern in allowed_hosts or ():
         try:
-            parse_allow_list([pattern])
+            check_entry(pattern)
         except PatternError as exc:
-            message = str(exc).partition(": ")[2]
-            raise BadRequest(f"allowed_host {pattern[:80]!r}: {message}") from None
+            raise BadRequest(f"allowed_host {pattern[:80]!r}: {exc}") from None
     return store.ModuleVersion(
         sha256="",
         size=0,

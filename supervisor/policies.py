@@ -25,7 +25,7 @@ from types import MappingProxyType
 from typing import Any
 
 from supervisor.errors import ConfigError
-from supervisor.outbound.rules import PatternError, parse_allow_list
+from supervisor.outbound.rules import PatternError, check_entry
 
 __all__ = [
     "DEFAULTS_FILE",
@@ -445,12 +445,9 @@ def _parse_outbound_hosts(source: str, value: object) -> tuple[str, ...]:
                 source, f"outbound_hosts[{index}]", f"must be a string, got {_describe(item)}"
             )
         try:
-            parse_allow_list([item])
+            check_entry(item)
         except PatternError as exc:
-            message = str(exc).partition(": ")[2]
-            raise ConfigError(
-                source, f"outbound_hosts[{index}]", f"{_show(item)}: {message}"
-            ) from None
+            raise ConfigError(source, f"outbound_hosts[{index}]", f"{_show(item)}: {exc}") from None
     return tuple(value)
 
 

@@ -235,12 +235,12 @@ class TenantClient:
         self.max_in_flight = max_in_flight
         self.stats = stats or OutboundStats()
         self._in_flight = threading.BoundedSemaphore(max_in_flight)
+        self._proxy_settings = urllib.request.getproxies_environment()  # NO_PROXY too
         self._proxies = {
             scheme: url
-            for scheme, url in urllib.request.getproxies_environment().items()
+            for scheme, url in self._proxy_settings.items()
             if scheme in ("http", "https")
         }
-        self._proxy_settings = urllib.request.getproxies_environment()
         proxy_origins = frozenset(
             (url.host, url.port or (443 if url.scheme == "https" else 80))
             for url in map(httpx.URL, self._proxies.values())

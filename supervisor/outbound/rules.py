@@ -83,9 +83,6 @@ class AllowList:
         return frozenset(pattern.host for pattern in self.patterns if pattern.exact)
 
 
-NOTHING = AllowList()
-
-
 def parse_allow_list(entries: Iterable[str]) -> AllowList:
     """Parse a list of patterns; raises PatternError naming the first bad entry."""
     patterns: list[HostPattern] = []
@@ -101,6 +98,12 @@ def parse_allow_list(entries: Iterable[str]) -> AllowList:
         except PatternError as exc:
             raise PatternError(f"entry {index} ({entry!r}): {exc}") from None
     return AllowList(tuple(patterns), allow_all)
+
+
+def check_entry(text: str) -> None:
+    """Raise PatternError unless `text` is a pattern or `insecure:allow-all`."""
+    if text != ALLOW_ALL:
+        parse_pattern(text)
 
 
 def parse_pattern(text: str) -> HostPattern:
