@@ -66,6 +66,7 @@ from .errors import (
     Unauthorized,
 )
 from .modules import to_binary
+from .outbound.rules import PatternError, check_entry
 from .policies import is_valid_tenant_name, parse_volumes
 from .routing import RouteError, validate_pattern
 from .server import Request, RequestBody, Response
@@ -93,7 +94,7 @@ UPLOAD_RETRY_AFTER_S = 5
 _JSON = (b"content-type", b"application/json")
 _DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 """Write errors that mean "no space", answered 507 (RFC 4918 §11.5), not a 500 traceback."""
-_QUERY_KEYS = frozenset({"route", "entrypoint", "argv", "volume"})
+_QUERY_KEYS = frozenset({"route", "entrypoint", "argv", "volume", "allowed_host"})
 _MAX_ENTRYPOINT_CHARS = 256
 """An export name longer than this is a mistake; it also bounds what an error message echoes."""
 
@@ -514,6 +515,12 @@ def _upload_settings(query: str, existing: store.ModuleRecord | None) -> store.M
         volumes = parse_volumes("query parameter", volumes)
     except ConfigError as exc:
         raise BadRequest(exc.message) from exc
+    allowed_hosts = values.get("allowed_host")
+    for pattern in allowed_hosts or ():
+        try:
+            check_entry(pattern)
+        except PatternError as exc:
+            raise BadRequest(f"allowed_host {pattern[:80]!r}: {exc}") from None
     return store.ModuleVersion(
         sha256="",
         size=0,
@@ -523,6 +530,7 @@ def _upload_settings(query: str, existing: store.ModuleRecord | None) -> store.M
         volumes=volumes,
         uploaded_at="",
         compile_s=0.0,
+        allowed_hosts=None if allowed_hosts is None else tuple(allowed_hosts),
     )
 
 

@@ -27,6 +27,7 @@ from .gateway import Gateway
 from .guest_threads import GuestThreads
 from .metrics import Metrics
 from .modules import DEFAULT_MAX_BYTES, DEFAULT_MIN_AGE_S, ArtifactCache
+from .outbound import client as outbound_client
 from .pod_limits import PodCounters
 from .sandbox import Sandbox
 from .tenants import WATCH_INTERVAL_S, TenantRegistry
@@ -46,7 +47,7 @@ FDS_PER_SLOT = 8
 FDS_HEADROOM = 64
 """Beyond what is open once the tenants are loaded (listeners, logs, one per loaded artifact,
 which stays mapped): modules loaded later, admin uploads and cache files being written,
-compile children's pipes, a worker's restart, and outbound HTTP pools to come."""
+compile children's pipes, a worker's restart."""
 METRICS_MAX_CONNECTIONS = 16
 """Scrapers of `/metrics` at once: a few Prometheus replicas and an adapter."""
 MIN_CONNECTIONS = 16
@@ -196,6 +197,7 @@ async def run(
             nursery.cancel_scope.cancel()
         # Every guest has ended by now (a caller waits for its guest), so this joins at once.
         guest_threads.close()
+        registry.outbound.close()
         log.info("stopped")
 
 
@@ -210,7 +212,8 @@ def _connection_limit(config: server.ServerConfig, slots: int) -> int:
         return config.max_connections
     open_now = len(os.listdir("/proc/self/fd"))
     guests = slots * FDS_PER_SLOT
-    reserved = open_now + guests + METRICS_MAX_CONNECTIONS + FDS_HEADROOM
+    outbound = outbound_client.MAX_CONNECTIONS  # guests' outbound HTTP, in use or kept alive
+    reserved = open_now + guests + METRICS_MAX_CONNECTIONS + outbound + FDS_HEADROOM
     room = soft - reserved
     if room < MIN_CONNECTIONS:
         raise ConfigError(
@@ -218,13 +221,14 @@ def _connection_limit(config: server.ServerConfig, slots: int) -> int:
             None,
             f"the soft limit of {soft} file descriptors leaves {room} for connections, fewer"
             f" than {MIN_CONNECTIONS}: {reserved} are reserved ({open_now} open, {guests} for"
-            f" {slots} slots, {METRICS_MAX_CONNECTIONS} for /metrics, {FDS_HEADROOM} headroom);"
+            f" {slots} slots, {METRICS_MAX_CONNECTIONS} for /metrics, {outbound} for outbound"
+            f" HTTP, {FDS_HEADROOM} headroom);"
             " raise it (ulimit -n) or lower --slots",
         )
     limit = min(config.max_connections, room)
     log.info(
         "connections: at most %d (RLIMIT_NOFILE %d, %d reserved: %d open, %d for %d slots,"
-        " %d for /metrics, %d headroom), %d idle per client",
+        " %d for /metrics, %d for outbound HTTP, %d headroom), %d idle per client",
         limit,
         soft,
         reserved,
@@ -232,6 +236,7 @@ def _connection_limit(config: server.ServerConfig, slots: int) -> int:
         guests,
         slots,
         METRICS_MAX_CONNECTIONS,
+        outbound,
         FDS_HEADROOM,
         config.max_idle_per_client,
     )

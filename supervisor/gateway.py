@@ -86,7 +86,7 @@ class Gateway:
     async def _serve(self, request: Request, body: RequestBody) -> Response:
         started = time.perf_counter()
         tenant_name = route = "-"
-        fuel_used = memory_bytes = 0
+        fuel_used = memory_bytes = outbound_calls = 0
         try:
             if self.registry.behind():  # another worker of the pod committed an admin change
                 await self.registry.catch_up()
@@ -96,12 +96,13 @@ class Gateway:
             run, response, outcome = await self._run(request, body, resolved)
             fuel_used = run.fuel_used
             memory_bytes = run.memory_bytes
+            outbound_calls = run.outbound_calls
         except SupervisorError as error:
             response, outcome = error_response(error), error.outcome
         duration_s = time.perf_counter() - started
         if access_log.isEnabledFor(logging.INFO):  # the record costs more than the check
             access_log.info(
-                "%s %s %s %s %d %s %.1fms fuel=%d",
+                "%s %s %s %s %d %s %.1fms fuel=%d outbound=%d",
                 request.request_id,
                 tenant_name,
                 request.method,
@@ -110,6 +111,7 @@ class Gateway:
                 outcome,
                 duration_s * 1000,
                 fuel_used,
+                outbound_calls,
                 extra={
                     "request_id": request.request_id,
                     "tenant": tenant_name,
@@ -120,6 +122,7 @@ class Gateway:
                     "outcome": str(outcome),
                     "duration_ms": round(duration_s * 1000, 3),
                     "fuel_used": fuel_used,
+                    "outbound_calls": outbound_calls,
                 },
             )
         self.metrics.observe_request(
@@ -188,6 +191,7 @@ class Gateway:
             stdin=stdin,
             limits=tenant.guest_limits,
             volumes=target.volumes,
+            outbound=target.outbound,
         )
         job = functools.partial(_run_and_respond, run_guest, tenant.policy)
         prepared = target.prepared

@@ -52,6 +52,7 @@ from prometheus_client.utils import floatToGoString
 from . import __version__
 from .admission import Admission
 from .errors import Outcome
+from .outbound.client import DURATION_BUCKETS
 from .policies import is_valid_tenant_name
 from .server import Request, RequestBody, Response
 from .tenants import TenantRegistry
@@ -74,6 +75,7 @@ minutes, but past a minute the exact figure no longer changes a decision."""
 _TEXT = [(b"content-type", b"text/plain; charset=utf-8")]
 _LATENCY_LE = tuple(floatToGoString(bound) for bound in (*LATENCY_BUCKETS, math.inf))
 """The `le` label of each latency bucket, as prometheus_client writes it."""
+_OUTBOUND_LE = tuple(floatToGoString(bound) for bound in (*DURATION_BUCKETS, math.inf))
 
 
 class ConcurrencyTracker:
@@ -344,7 +346,27 @@ class _StateCollector:
             families["errors"].add_metric([label], count)
         for label, high_water in sorted(self._metrics.memory_high_water().items()):
             families["memory"].add_metric([label], high_water)
+        self._collect_outbound(families, labels)
         return iter(families.values())
+
+    def _collect_outbound(self, families: dict[str, Metric], labels: TenantLabels) -> None:
+        """Guests' outbound calls, summed by tenant label (kept by the registry's clients)."""
+        outcomes: dict[tuple[str, str], int] = {}
+        durations: dict[str, tuple[list[int], float]] = {}
+        for tenant, (counts, buckets, total_s) in self._registry.outbound.stats().items():
+            label = labels(tenant)
+            for outcome, count in counts.items():
+                outcomes[label, outcome] = outcomes.get((label, outcome), 0) + count
+            summed, summed_s = durations.get(label, ([0] * len(buckets), 0.0))
+            durations[label] = (
+                [a + b for a, b in zip(summed, buckets, strict=True)],
+                summed_s + total_s,
+            )
+        for (label, outcome), count in sorted(outcomes.items()):
+            families["outbound"].add_metric([label, outcome], count)
+        for label, (buckets, total_s) in sorted(durations.items()):
+            cumulative = zip(_OUTBOUND_LE, itertools.accumulate(buckets), strict=True)
+            families["outbound_duration"].add_metric([label], list(cumulative), total_s)
 
     @staticmethod
     def _families() -> dict[str, Metric]:
@@ -408,5 +430,15 @@ class _StateCollector:
                 "guest_memory_high_water_bytes",
                 "Largest linear memory a guest of the tenant reached.",
                 ("tenant",),
+            ),
+            "outbound": counter(
+                "outbound_requests",
+                "Guests' outbound HTTP requests (wasi_experimental_http), by tenant and outcome.",
+                ("tenant", "outcome"),
+            ),
+            "outbound_duration": HistogramMetricFamily(
+                f"{PREFIX}_outbound_request_duration_seconds",
+                "Time guests' outbound HTTP requests took, redirects included, by tenant.",
+                labels=["tenant"],
             ),
         }

@@ -25,6 +25,7 @@ from types import MappingProxyType
 from typing import Any
 
 from supervisor.errors import ConfigError
+from supervisor.outbound.rules import PatternError, check_entry
 
 __all__ = [
     "DEFAULTS_FILE",
@@ -137,13 +138,19 @@ _LIMITS: Mapping[str, _Limit] = MappingProxyType(
         # for WASI needs ~700MiB. And its CPU time: a 99MB runtime compiles in ~70 s.
         "compile_memory_bytes": _Limit(256 * MiB, 64 * GiB, size=True),
         "compile_cpu_seconds": _Limit(1, 3600),
+        # Outbound HTTP (wasi_experimental_http): `req` calls per guest request (0: none),
+        # response bytes held in host memory per call, and calls in flight per tenant (each
+        # holds a pooled connection, hence a descriptor).
+        "max_outbound_requests": _Limit(0, 10_000),
+        "max_outbound_response_bytes": _Limit(0, 1 * GiB, size=True),
+        "max_outbound_concurrency": _Limit(1, 10_000),
         # Bytes of compiled artifacts the tenant's modules in force may take in the cache: an
         # artifact can be 30x its module. 1MiB fits small guests; 64GiB is a node's disk.
         "max_artifact_bytes": _Limit(1 * MiB, 64 * GiB, size=True),
     }
 )
 
-_ALL_KEYS = frozenset({"hosts", "env", "volumes", "admin_token_sha256", *_LIMITS})
+_ALL_KEYS = frozenset({"hosts", "env", "volumes", "admin_token_sha256", "outbound_hosts", *_LIMITS})
 # Keys that name one tenant: in the defaults file they would hand every tenant the same hosts
 # or the same admin credential.
 _TENANT_ONLY_KEYS = frozenset({"hosts", "admin_token_sha256"})
@@ -186,12 +193,17 @@ class Policy:
     max_code_bytes: int = 64 * MiB
     compile_memory_bytes: int = 1 * GiB
     compile_cpu_seconds: int = 300
+    outbound_hosts: tuple[str, ...] = ()
+    max_outbound_requests: int = 16
+    max_outbound_response_bytes: int = 4 * MiB
+    max_outbound_concurrency: int = 16
     max_artifact_bytes: int = 512 * MiB
     admin_token_sha256: str | None = None
 
     def __post_init__(self) -> None:
         # Copy before wrapping: a proxy over the caller's own dict would still change under us.
         object.__setattr__(self, "hosts", tuple(self.hosts))
+        object.__setattr__(self, "outbound_hosts", tuple(self.outbound_hosts))
         object.__setattr__(self, "env", MappingProxyType(dict(self.env)))
         object.__setattr__(self, "volumes", MappingProxyType(dict(self.volumes)))
 
@@ -213,6 +225,7 @@ class Policy:
             "hosts": list(self.hosts),
             "env": dict(self.env),
             "volumes": dict(self.volumes),
+            "outbound_hosts": list(self.outbound_hosts),
             **{name: getattr(self, name) for name in _LIMITS},
             "admin_token_set": self.admin_token_sha256 is not None,
         }
@@ -357,6 +370,8 @@ def _parse(data: Mapping, *, source: str, base: Policy, allowed: frozenset[str])
             changes[key] = _parse_limit(source, key, value)
         elif key == "hosts":
             changes[key] = _parse_hosts(source, value)
+        elif key == "outbound_hosts":
+            changes[key] = _parse_outbound_hosts(source, value)
         elif key == "env":
             changes[key] = {**base.env, **_parse_env(source, value)}
         elif key == "volumes":
@@ -417,6 +432,23 @@ def _parse_hosts(source: str, value: object) -> tuple[str, ...]:
             raise ConfigError(source, key, f"{_show(item)} is listed twice")
         hosts.append(host)
     return tuple(hosts)
+
+
+def _parse_outbound_hosts(source: str, value: object) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ConfigError(
+            source, "outbound_hosts", f"must be an array of strings, got {_describe(value)}"
+        )
+    for index, item in enumerate(value):
+        if not isinstance(item, str):
+            raise ConfigError(
+                source, f"outbound_hosts[{index}]", f"must be a string, got {_describe(item)}"
+            )
+        try:
+            check_entry(item)
+        except PatternError as exc:
+            raise ConfigError(source, f"outbound_hosts[{index}]", f"{_show(item)}: {exc}") from None
+    return tuple(value)
 
 
 def _host_problem(host: str) -> str | None:

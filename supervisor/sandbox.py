@@ -49,6 +49,7 @@ from .errors import (
     GuestTimeout,
     GuestTrap,
 )
+from .outbound import abi as outbound_abi
 
 log = logging.getLogger("supervisor.sandbox")
 
@@ -134,6 +135,7 @@ class GuestRun:
     cpu_s: float  # CPU time of the run's thread: a guest waiting for the GIL spends none
     slept: bool  # whether the guest slept in `poll_oneoff`
     error: GuestError | None = None
+    outbound_calls: int = 0  # `wasi_experimental_http.req` calls
 
 
 @dataclass(slots=True)
@@ -148,6 +150,8 @@ class _RunState:
     stderr_truncated: bool = False
     slept: bool = False
     fault: GuestError | None = None
+    outbound_grant: outbound_abi.Grant | None = None
+    outbound: outbound_abi.Session | None = None  # made at the first outbound call
     fuel_owed: int = 0  # host work charged but not yet taken from the store (`_settle`)
 
     def timed_out(self) -> GuestTimeout:
@@ -219,12 +223,19 @@ class Sandbox:
         stdin: bytes,
         limits: GuestLimits,
         volumes: Iterable[Volume] = (),
+        outbound: outbound_abi.Grant | None = None,
     ) -> GuestRun:
-        """Run `entrypoint` in a fresh store. Blocking: call it from a worker thread."""
+        """Run `entrypoint` in a fresh store. Blocking: call it from a worker thread.
+
+        `outbound`: what the guest may request over HTTP; None, nothing (every `req` is 7).
+        """
         started = time.monotonic()
         cpu_started = time.thread_time()
         state = _RunState(
-            deadline=started + limits.timeout_ms / 1000, limits=limits, host_time=self._host_time
+            deadline=started + limits.timeout_ms / 1000,
+            limits=limits,
+            host_time=self._host_time,
+            outbound_grant=outbound,
         )
         store = wasmtime_ext.GuestStore(self.engine)
         memory_bytes = 0
@@ -256,8 +267,11 @@ class Sandbox:
         finally:
             self._local.state = None
             store.close()
+        session = state.outbound
         if state.fault is not None:
             error = state.fault
+        elif session is not None and session.fault is not None:
+            error = session.fault
         return GuestRun(
             stdout=bytes(state.stdout),
             stderr=bytes(state.stderr),
@@ -268,6 +282,7 @@ class Sandbox:
             cpu_s=time.thread_time() - cpu_started,
             slept=state.slept,
             error=error,
+            outbound_calls=session.calls if session is not None else 0,
         )
 
     def _build_linker(self) -> wasmtime.Linker:
@@ -277,7 +292,15 @@ class Sandbox:
         wasmtime_ext.define_host_function(linker, WASI_MODULE, "fd_write", 4, self._fd_write)
         wasmtime_ext.define_host_function(linker, WASI_MODULE, "poll_oneoff", 4, self._poll_oneoff)
         linker.allow_shadowing = False
+        outbound_abi.define(linker, self._outbound_session)
         return linker
+
+    def _outbound_session(self) -> outbound_abi.Session:
+        """The calling request's outbound session, made at its first outbound call."""
+        state: _RunState = self._local.state
+        if state.outbound is None:
+            state.outbound = outbound_abi.Session(state.outbound_grant, state.deadline)
+        return state.outbound
 
     # Replaced WASI functions. They run on the guest's thread, so `self._local.state` is the
     # state of the request that called them. They must never raise.

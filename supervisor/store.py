@@ -68,6 +68,7 @@ from typing import Any
 from . import policies
 from .errors import ConfigError
 from .files import fsync_directory, write_atomically
+from .outbound.rules import PatternError, parse_allow_list
 from .routing import RouteError, validate_pattern
 
 __all__ = [
@@ -111,6 +112,8 @@ _VERSION_KEYS = frozenset(
     {"sha256", "size", "route", "entrypoint", "argv", "volumes", "uploaded_at", "compile_s"}
 )
 _DECLARED_ROUTES = "declared_routes"
+_ALLOWED_HOSTS = "allowed_hosts"
+"""A version's outbound HTTP patterns (the upload's `allowed_host=`); absent: no requests."""
 _TOP_KEYS = frozenset({"format", "modules", "deleted"})
 
 DeclaredRoutes = tuple[tuple[str, str], ...]
@@ -134,6 +137,7 @@ class ModuleVersion:
     compile_s: float
     declared_routes: DeclaredRoutes | None = None  # None: not known (a format 1 manifest)
     unknown: Mapping[str, Any] = field(default_factory=dict)  # keys of a newer revision
+    allowed_hosts: tuple[str, ...] | None = None  # outbound HTTP patterns; None: no requests
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "volumes", MappingProxyType(dict(self.volumes)))
@@ -146,12 +150,20 @@ class ModuleVersion:
 
     def serves_like(self, other: ModuleVersion) -> bool:
         """Same content served the same way (an upload that would change nothing)."""
-        return (self.sha256, self.route, self.entrypoint, self.argv, dict(self.volumes)) == (
+        return (
+            self.sha256,
+            self.route,
+            self.entrypoint,
+            self.argv,
+            dict(self.volumes),
+            self.allowed_hosts,
+        ) == (
             other.sha256,
             other.route,
             other.entrypoint,
             other.argv,
             dict(other.volumes),
+            other.allowed_hosts,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -171,6 +183,8 @@ class ModuleVersion:
         document = {**self.unknown, **self.to_dict()}
         if self.declared_routes is not None:
             document[_DECLARED_ROUTES] = [list(pair) for pair in self.declared_routes]
+        if self.allowed_hosts is not None:
+            document[_ALLOWED_HOSTS] = list(self.allowed_hosts)
         return document
 
 
@@ -335,9 +349,24 @@ def _parse_version(entry: object, *, source: str, key: str) -> ModuleVersion:
         unknown={
             name: value
             for name, value in entry.items()
-            if name not in _VERSION_KEYS and name != _DECLARED_ROUTES
+            if name not in _VERSION_KEYS and name not in (_DECLARED_ROUTES, _ALLOWED_HOSTS)
         },
+        allowed_hosts=_parse_allowed_hosts(
+            entry.get(_ALLOWED_HOSTS), source=source, key=f"{key}.{_ALLOWED_HOSTS}"
+        ),
     )
+
+
+def _parse_allowed_hosts(value: object, *, source: str, key: str) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise ConfigError(source, key, "must be an array of strings")
+    try:
+        parse_allow_list(value)
+    except PatternError as exc:
+        raise ConfigError(source, key, str(exc)) from None
+    return tuple(value)
 
 
 def _parse_declared_routes(value: object, *, source: str, key: str) -> DeclaredRoutes | None:

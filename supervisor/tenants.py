@@ -50,6 +50,9 @@ from .declared_routes import (
 )
 from .errors import ConfigError, ModuleRejected, RouteConflict, SupervisorError
 from .modules import ArtifactCache, CompiledModule, to_binary
+from .outbound import abi as outbound_abi
+from .outbound.client import TenantClients
+from .outbound.rules import PatternError, parse_allow_list
 from .policies import Policy
 from .routing import (
     Route,
@@ -83,10 +86,10 @@ doubling up to RETRY_MAX_S: a fault that goes away (a file another pod is still 
 full disk, no free descriptors) is outgrown, and one that stays costs a rebuild a half-minute,
 not one a poll."""
 
-_MODULE_KEYS = frozenset({"route", "module", "entrypoint", "argv", "volumes"})
-_REFUSED_IMPORT_HINTS = {
-    "wasi_experimental_http": "outbound HTTP (wasi_experimental_http) is not offered",
-}
+_MODULE_KEYS = frozenset(
+    {"route", "module", "entrypoint", "argv", "volumes", "allowed_hosts", "http_max_concurrency"}
+)
+_OFFERED_IMPORTS = frozenset((outbound_abi.MODULE, name) for name in outbound_abi.IMPORTS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +101,8 @@ class ModuleSpec:
     entrypoint: str = DEFAULT_ENTRYPOINT
     argv: str | None = None
     volumes: Mapping[str, str] = field(default_factory=dict)
+    allowed_hosts: tuple[str, ...] | None = None  # outbound HTTP patterns; None: no requests
+    http_max_concurrency: int | None = None  # outbound responses a guest may hold at once
     declared_routes: store.DeclaredRoutes | None = None  # stored at upload; None: learn them
 
 
@@ -112,6 +117,7 @@ class RouteTarget:
     argv_template: str | None
     volumes: tuple[Volume, ...]
     owner: str | None = None  # the named module (manifest.json) it belongs to; None: modules.toml
+    outbound: outbound_abi.Grant | None = None  # None: every outbound request is refused
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,6 +222,14 @@ def parse_modules_toml(data: Mapping, *, source: str) -> list[ModuleSpec]:
         except RouteError as exc:
             raise ConfigError(source, f"{where}.route", str(exc)) from exc
         volumes = policies.parse_volumes(source, entry.get("volumes", {}))
+        allowed_hosts = _parse_allowed_hosts(source, where, entry.get("allowed_hosts"))
+        concurrency = entry.get("http_max_concurrency")
+        if concurrency is not None and (
+            isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1
+        ):
+            raise ConfigError(
+                source, f"{where}.http_max_concurrency", "must be an integer, at least 1"
+            )
         specs.append(
             ModuleSpec(
                 route=entry["route"],
@@ -223,9 +237,25 @@ def parse_modules_toml(data: Mapping, *, source: str) -> list[ModuleSpec]:
                 entrypoint=entry.get("entrypoint", DEFAULT_ENTRYPOINT),
                 argv=entry.get("argv"),
                 volumes=volumes,
+                allowed_hosts=allowed_hosts,
+                http_max_concurrency=concurrency,
             )
         )
     return specs
+
+
+def _parse_allowed_hosts(source: str, where: str, value: object) -> tuple[str, ...] | None:
+    """A module's `allowed_hosts`: patterns as the policy's `outbound_hosts` takes them."""
+    if value is None:
+        return None
+    key = f"{where}.allowed_hosts"
+    if not isinstance(value, list):
+        raise ConfigError(source, key, "must be an array of strings")
+    try:
+        parse_allow_list(value)
+    except PatternError as exc:
+        raise ConfigError(source, key, str(exc)) from None
+    return tuple(value)
 
 
 class TenantRegistry:
@@ -264,6 +294,7 @@ class TenantRegistry:
         self._lock = threading.Lock()
         self._policy_set: policies.PolicySet | None = None
         self._policy_key: tuple = ()
+        self.outbound = TenantClients()  # kept-alive outbound pools and their stats, by tenant
         self._policy_retry = _Retry((), 0.0, 0.0)  # when a set with errors is parsed again
 
     def build_tenant(self, name: str, manifest: store.Manifest) -> Tenant:
@@ -497,6 +528,7 @@ class TenantRegistry:
             (module_name, f"{manifest_file}: modules.{module_name}", _manifest_spec(record))
             for module_name, record in sorted(manifest.modules.items())
         ]
+        outbound_policy = parse_allow_list(policy.outbound_hosts)
         compiled: dict[str, CompiledModule] = {}
         routes: list[Route[RouteTarget]] = []
         owners: dict[str, tuple[str | None, str]] = {}  # pattern -> (owner, source)
@@ -512,8 +544,24 @@ class TenantRegistry:
             prepared = self._prepare(module, source=source)
             _check_entrypoint(prepared, spec.entrypoint, source=source)
             volumes = policy_volumes + _resolve_volumes(tenant_dir, spec.volumes, source=source)
+            grant = None
+            if spec.allowed_hosts is not None:
+                grant = outbound_abi.Grant(
+                    self.outbound.get(name, outbound_policy, policy.max_outbound_concurrency),
+                    parse_allow_list(spec.allowed_hosts),
+                    spec.http_max_concurrency,
+                    policy.max_outbound_requests,
+                    policy.max_outbound_response_bytes,
+                )
             target = RouteTarget(
-                spec.module, module.sha256, prepared, spec.entrypoint, spec.argv, volumes, owner
+                spec.module,
+                module.sha256,
+                prepared,
+                spec.entrypoint,
+                spec.argv,
+                volumes,
+                owner,
+                grant,
             )
             own_routes = [Route(spec.route, target)]
             declared = spec.declared_routes
@@ -530,7 +578,7 @@ class TenantRegistry:
             for pattern, export in declared:
                 _check_entrypoint(prepared, export, source=f"{source} `_routes`")
                 sub_target = RouteTarget(
-                    spec.module, module.sha256, prepared, export, spec.argv, volumes, owner
+                    spec.module, module.sha256, prepared, export, spec.argv, volumes, owner, grant
                 )
                 try:
                     own_routes.append(Route(join_route(spec.route, pattern), sub_target))
@@ -704,10 +752,18 @@ class TenantRegistry:
 def check_module_binary(binary: bytes, *, name: str, memory_limit: int) -> None:
     """Refuse, before compiling, a module that could never run here (raises ModuleRejected)."""
     info = inspect(binary)
-    refused = disallowed_imports(info)
+    refused = [
+        imp
+        for imp in disallowed_imports(info)
+        if imp.kind != "func" or (imp.module, imp.name) not in _OFFERED_IMPORTS
+    ]
     if refused:
         first = refused[0]
-        hint = _REFUSED_IMPORT_HINTS.get(first.module, "only wasi_snapshot_preview1 is offered")
+        hint = (
+            f"{outbound_abi.MODULE} offers {', '.join(sorted(outbound_abi.IMPORTS))}"
+            if first.module == outbound_abi.MODULE
+            else f"only wasi_snapshot_preview1 and {outbound_abi.MODULE} are offered"
+        )
         raise ModuleRejected(f"{name}: imports {first.module}.{first.name} ({first.kind}); {hint}")
     if info.initial_memory_bytes is not None and info.initial_memory_bytes > memory_limit:
         raise ModuleRejected(
@@ -742,7 +798,8 @@ def _manifest_spec(record: store.ModuleRecord) -> ModuleSpec:
         version.entrypoint,
         version.argv,
         version.volumes,
-        version.declared_routes,
+        declared_routes=version.declared_routes,
+        allowed_hosts=version.allowed_hosts,
     )
 
 

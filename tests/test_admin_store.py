@@ -105,17 +105,17 @@ def test_keys_a_newer_revision_added_survive_a_rewrite(tmp_path: Path):
     path = tmp_path / store.MANIFEST_FILE
     document = json.loads(path.read_text())
     document["generation"] = {"by": "next"}
-    document["modules"]["a"]["allowed_hosts"] = ["api.example.com"]
-    document["modules"]["a"]["previous"]["allowed_hosts"] = []
+    document["modules"]["a"]["labels"] = ["api.example.com"]
+    document["modules"]["a"]["previous"]["labels"] = []
     path.write_text(json.dumps(document))
 
     manifest = store.read_manifest(tmp_path)
     store.write_manifest(tmp_path, manifest.with_module("b", store.ModuleRecord(version("9"))))
     rewritten = json.loads(path.read_text())
     assert rewritten["generation"] == {"by": "next"}
-    assert rewritten["modules"]["a"]["allowed_hosts"] == ["api.example.com"]
-    assert rewritten["modules"]["a"]["previous"]["allowed_hosts"] == []
-    assert "allowed_hosts" not in rewritten["modules"]["b"]
+    assert rewritten["modules"]["a"]["labels"] == ["api.example.com"]
+    assert rewritten["modules"]["a"]["previous"]["labels"] == []
+    assert "labels" not in rewritten["modules"]["b"]
 
 
 def test_a_torn_manifest_is_refused(tmp_path: Path):
