@@ -91,6 +91,9 @@ log = logging.getLogger("supervisor.server")
 # read would only fill h11's buffer faster than the handler consumes it.
 RECEIVE_CHUNK_BYTES = 64 * 1024
 
+_HEAD_END_RE = re.compile(rb"\n\r?\n")
+"""The blank line that ends a head, as h11 finds it (CRLF or bare LF line ends)."""
+
 # Responses whose body is at most this are sent with their head in one `send_all` (one
 # syscall, one segment); a larger body is sent on its own rather than copied onto the head.
 INLINE_BODY_BYTES = 64 * 1024
@@ -503,6 +506,10 @@ class _Connection:
         """The next request head's parts, or None when the connection should just close."""
         if not self.pending and (self.eof or not await self._receive_idle(idle_deadline)):
             return None
+        if head_over_limit(self.pending, self.server.config.max_head_bytes):
+            # Refused before either parser reads it: parsing 60 KB of padding took 0.35 ms
+            # (fast parser) to 1.2 ms (h11) of the event loop, per request.
+            raise h11.RemoteProtocolError("head over max_head_bytes", error_status_hint=431)
         simple = parse_simple_head(self.pending)
         if simple is not None:
             self.pending = self.pending[simple.size :]
@@ -760,6 +767,12 @@ def _origin_form(target: str) -> tuple[str, str | None]:
     if "@" in authority:
         raise h11.RemoteProtocolError("absolute-form target with userinfo")
     return ("/" + rest if rest[:1] != "/" else rest), authority
+
+
+def head_over_limit(data: bytes, limit: int) -> bool:
+    """Whether the head at the start of `data` is known to be over `limit` bytes: more than
+    that has arrived and no blank line ends a head within them."""
+    return len(data) > limit and _HEAD_END_RE.search(data, 0, limit) is None
 
 
 def _tokens(value: str) -> list[str]:

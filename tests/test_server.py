@@ -17,6 +17,7 @@ import pytest
 import trio
 import trio.testing
 
+from supervisor import server as server_module
 from supervisor.errors import BodyTooLarge
 from supervisor.server import (
     FIRST_REQUEST_GRACE_S,
@@ -860,3 +861,23 @@ async def test_open_listeners_on_port_zero_share_one_port():
     finally:
         for listener in listeners:
             await listener.aclose()
+
+
+@pytest.mark.parametrize(
+    ("data", "over"),
+    [
+        (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + b"x" * 100, False),  # ends within; more follows
+        (b"GET / HTTP/1.1\r\nHost: x\n\n" + b"x" * 100, False),  # bare LF ends a head too
+        (b"GET / HTTP/1.1\r\nX: " + b" " * 100 + b"v\r\n\r\n", True),  # padding past the limit
+        (b"GET / HTTP/1.1\r\nHost: x\r\n", False),  # not over yet: more may end it in time
+    ],
+)
+def test_a_head_is_over_the_limit_only_when_no_blank_line_ends_it_within(data, over):
+    """The check that refuses an oversized head before either parser reads it."""
+    assert server_module.head_over_limit(data, 64) is over
+
+
+def test_a_head_of_exactly_the_limit_is_not_over_it():
+    head = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+    assert not server_module.head_over_limit(head + b"GET", len(head))
+    assert server_module.head_over_limit(head + b"GET", len(head) - 1)
