@@ -1,0 +1,361 @@
+"""Compiled artifacts shared through the store, authenticated before loading (issue 11, §3).
+
+Pods are `ArtifactCache`s with their own local folders over one shared bucket (the `file:`
+store's artifact folder), with the real engine of a `Sandbox` and real compiles in the compile
+child; two processes race for one compile; full supervisors share a store. An attacker with
+write access to the bucket flips a byte, truncates, strips the seal or re-seals with a key of
+their own: nothing they wrote is ever deserialized.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import wasmtime
+from conftest import REPO, Workspace
+
+from supervisor.artifacts import (
+    ArtifactKeys,
+    ArtifactRefused,
+    FileArtifactBucket,
+    load_artifact_keys,
+)
+from supervisor.compiler import CodeSettings
+from supervisor.fingerprint import engine_fingerprint
+from supervisor.modules import ArtifactCache, to_binary
+from supervisor.sandbox import Sandbox
+
+HELLO = to_binary((REPO / "tenants" / "demo" / "hello.wat").read_bytes(), name="hello.wat")
+OLD = ArtifactKeys.parse("old:" + "o" * 40, source="test")
+NEW = ArtifactKeys.parse("new:" + "n" * 40, source="test")
+ROTATED = ArtifactKeys.parse(f"new:{'n' * 40}\nold:{'o' * 40}", source="test")
+ATTACKER = ArtifactKeys.parse("old:" + "a" * 40, source="test")  # our key id, not our secret
+STRANGER = ArtifactKeys.parse("theirs:" + "t" * 40, source="test")
+
+
+@pytest.fixture
+def sandbox() -> Sandbox:
+    with Sandbox() as sandbox:
+        yield sandbox
+
+
+def pod(tmp_path: Path, sandbox: Sandbox, name: str, keys: ArtifactKeys | None) -> ArtifactCache:
+    """A pod: its own local cache folder, the shared bucket under `tmp_path/store`."""
+    return ArtifactCache(
+        tmp_path / f"cache-{name}",
+        sandbox.engine,
+        sandbox.settings,
+        sandbox.code,
+        bucket=FileArtifactBucket(tmp_path / "store"),
+        keys=keys,
+    )
+
+
+def sealed_path(cache: ArtifactCache, binary: bytes = HELLO) -> Path:
+    digest = hashlib.sha256(binary).hexdigest()
+    return cache.shared.bucket.folder / cache.fingerprint / f"{digest}.sealed"
+
+
+def test_fingerprint_is_stable_across_processes_and_names_code_settings(sandbox: Sandbox) -> None:
+    here = engine_fingerprint(sandbox.engine, sandbox.settings)
+    code = (
+        "from supervisor.sandbox import Sandbox\n"
+        "from supervisor.fingerprint import engine_fingerprint\n"
+        "with Sandbox() as s: print(engine_fingerprint(s.engine, s.settings))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    there = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    ).stdout.strip()
+    assert here == there
+    plain = CodeSettings()
+    assert engine_fingerprint(wasmtime.Engine(plain.config())) == engine_fingerprint(
+        wasmtime.Engine(plain.config())
+    )
+    for changed in (
+        CodeSettings(cranelift_opt_level="none"),
+        CodeSettings(consume_fuel=False),
+        CodeSettings(epoch_interruption=False),
+    ):
+        assert engine_fingerprint(wasmtime.Engine(changed.config())) != engine_fingerprint(
+            wasmtime.Engine(plain.config())
+        ), changed
+
+
+def test_second_pod_loads_from_the_store_without_compiling(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    first = pod(tmp_path, sandbox, "a", OLD)
+    assert not first.load(HELLO, name="hello.wat").cache_hit
+    assert (first.compiled, first.shared.published) == (1, 1)
+    second = pod(tmp_path, sandbox, "b", OLD)
+    loaded = second.load(HELLO, name="hello.wat")
+    assert loaded.cache_hit
+    assert (second.compiled, second.shared.downloaded, second.shared.refused) == (0, 1, 0)
+    # and it is kept in the second pod's own cache: a restart needs no store
+    again = pod(tmp_path, sandbox, "b", OLD)
+    assert again.load(HELLO, name="hello.wat").cache_hit
+    assert (again.compiled, again.hits, again.shared.downloaded) == (0, 1, 0)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param(lambda b: b[:-1] + bytes([b[-1] ^ 1]), id="flipped-byte"),
+        pytest.param(lambda b: b[: len(b) // 2], id="truncated"),
+        pytest.param(lambda b: b[:40], id="truncated-seal"),
+    ],
+)
+def test_damaged_artifact_of_our_key_is_refused_deleted_and_rebuilt(
+    tmp_path: Path, sandbox: Sandbox, damage, caplog: pytest.LogCaptureFixture
+) -> None:
+    first = pod(tmp_path, sandbox, "a", OLD)
+    first.load(HELLO, name="hello.wat")
+    path = sealed_path(first)
+    good = path.read_bytes()
+    path.write_bytes(damage(good))
+    second = pod(tmp_path, sandbox, "b", OLD)
+    assert not second.load(HELLO, name="hello.wat").cache_hit
+    assert (second.shared.refused, second.shared.downloaded, second.compiled) == (1, 0, 1)
+    assert "refused" in caplog.text and "deleted and rebuilt" in caplog.text
+    # the bad object was deleted and replaced by the rebuilt one, which a third pod takes
+    third = pod(tmp_path, sandbox, "c", OLD)
+    assert third.load(HELLO, name="hello.wat").cache_hit
+    assert (third.compiled, third.shared.refused) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    ("forge", "reason"),
+    [
+        pytest.param(
+            lambda raw, fp, digest: ATTACKER.seal(raw, fingerprint=fp, digest=digest),
+            "wrong MAC for key id 'old'",
+            id="resealed-under-our-key-id",
+        ),
+        pytest.param(
+            lambda raw, fp, digest: STRANGER.seal(raw, fingerprint=fp, digest=digest),
+            "not one of ours",
+            id="resealed-with-their-key",
+        ),
+        pytest.param(lambda raw, fp, digest: raw, "not sealed", id="unsealed"),
+    ],
+)
+def test_forged_artifact_is_never_deserialized(
+    tmp_path: Path, sandbox: Sandbox, forge, reason: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The attacker's artifact is a valid one for this very engine (so deserializing it would
+    succeed): only the seal stops it."""
+    first = pod(tmp_path, sandbox, "a", OLD)
+    loaded = first.load(HELLO, name="hello.wat")
+    path = sealed_path(first)
+    raw = loaded.module.serialize()
+    forged = forge(raw, first.fingerprint, loaded.sha256)
+    path.write_bytes(forged)
+    second = pod(tmp_path, sandbox, "b", OLD)
+    assert not second.load(HELLO, name="hello.wat").cache_hit
+    assert (second.shared.refused, second.shared.downloaded, second.compiled) == (1, 0, 1)
+    assert reason in caplog.text
+    if reason.startswith("wrong MAC"):  # claims our key id: deleted, rebuilt, republished
+        assert OLD.open(path.read_bytes(), fingerprint=first.fingerprint, digest=loaded.sha256)
+    else:  # claims no key of ours: left alone (a newer pod's, maybe), neither deleted nor replaced
+        assert path.read_bytes() == forged
+
+
+def test_a_valid_artifact_of_another_module_is_refused(tmp_path: Path, sandbox: Sandbox) -> None:
+    """The MAC binds the module's sha256: a bucket writer cannot swap two sealed artifacts."""
+    first = pod(tmp_path, sandbox, "a", OLD)
+    echo = to_binary((REPO / "tenants" / "demo" / "echo.wat").read_bytes(), name="echo.wat")
+    first.load(HELLO, name="hello.wat")
+    first.load(echo, name="echo.wat")
+    sealed_path(first, HELLO).write_bytes(sealed_path(first, echo).read_bytes())
+    second = pod(tmp_path, sandbox, "b", OLD)
+    assert not second.load(HELLO, name="hello.wat").cache_hit
+    assert (second.shared.refused, second.compiled) == (1, 1)
+
+
+def test_key_rotation_old_key_verifies_new_key_signs(tmp_path: Path, sandbox: Sandbox) -> None:
+    before = pod(tmp_path, sandbox, "before", OLD)
+    before.load(HELLO, name="hello.wat")
+    rotated = pod(tmp_path, sandbox, "rotated", ROTATED)
+    assert rotated.load(HELLO, name="hello.wat").cache_hit  # sealed with old: still verifies
+    assert (rotated.compiled, rotated.shared.downloaded) == (0, 1)
+    echo = to_binary((REPO / "tenants" / "demo" / "echo.wat").read_bytes(), name="echo.wat")
+    rotated.load(echo, name="echo.wat")
+    sealed = sealed_path(rotated, echo).read_bytes()
+    digest = rotated.load(echo, name="echo.wat").sha256
+    assert NEW.open(sealed, fingerprint=rotated.fingerprint, digest=digest)  # new key signs
+    with pytest.raises(ArtifactRefused, match="not one of ours"):
+        OLD.open(sealed, fingerprint=rotated.fingerprint, digest=digest)
+
+
+def test_without_a_key_the_store_is_not_used(tmp_path: Path, sandbox: Sandbox) -> None:
+    sealed = pod(tmp_path, sandbox, "a", OLD)
+    sealed.load(HELLO, name="hello.wat")
+    keyless = pod(tmp_path, sandbox, "b", None)
+    assert keyless.shared is None
+    assert not keyless.load(HELLO, name="hello.wat").cache_hit
+    assert keyless.compiled == 1
+
+
+def test_key_file_errors_name_the_line() -> None:
+    with pytest.raises(ValueError, match="line 2: key 'short' is 5 characters"):
+        ArtifactKeys.parse(f"# comment\nshort:12345\nok:{'x' * 40}", source="keys")
+    with pytest.raises(ValueError, match="line 1: expected KEY_ID:SECRET"):
+        ArtifactKeys.parse("no colon here at all, just a long enough secret", source="keys")
+    with pytest.raises(ValueError, match="listed twice"):
+        ArtifactKeys.parse(f"a:{'x' * 40}\na:{'y' * 40}", source="keys")
+    with pytest.raises(ValueError, match="no key"):
+        ArtifactKeys.parse("# nothing\n", source="keys")
+    assert load_artifact_keys(None, {}) is None
+    keys = load_artifact_keys(None, {"SUPERVISOR_ARTIFACT_KEY": f"k1:{'s' * 40}"})
+    assert keys is not None and keys.signing_id == "k1" and "s" * 40 not in repr(keys)
+
+
+def test_sweep_deletes_unnamed_artifacts_past_the_minimum_age(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    cache = pod(tmp_path, sandbox, "a", OLD)
+    echo = to_binary((REPO / "tenants" / "demo" / "echo.wat").read_bytes(), name="echo.wat")
+    hello = cache.load(HELLO, name="hello.wat").sha256
+    cache.load(echo, name="echo.wat")
+    old = time.time() - 7200
+    os.utime(sealed_path(cache, echo), (old, old))
+    assert cache.shared.sweep({hello}, min_age_s=3600) == 1  # echo: unnamed and old
+    assert not sealed_path(cache, echo).exists()
+    young_unnamed = cache.shared.sweep(set(), min_age_s=3600)  # hello: just written
+    assert young_unnamed == 0 and sealed_path(cache, HELLO).exists()
+
+
+def test_a_lapsed_claim_of_a_dead_pod_does_not_block_compiling(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    cache = pod(tmp_path, sandbox, "a", OLD)
+    cache.shared.claim_ttl_s = 0.5
+    dead = FileArtifactBucket(tmp_path / "store")
+    digest = hashlib.sha256(HELLO).hexdigest()
+    assert dead.create_claim(f"{cache.fingerprint}/{digest}", 0.3)  # a pod that then died
+    started = time.monotonic()
+    assert not cache.load(HELLO, name="hello.wat").cache_hit
+    assert cache.compiled == 1 and time.monotonic() - started < 5
+
+
+RACER = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from supervisor.artifacts import ArtifactKeys, FileArtifactBucket
+    from supervisor.modules import ArtifactCache
+    from supervisor.sandbox import Sandbox
+
+    root, name = Path(sys.argv[1]), sys.argv[2]
+    binary = (root / "slow.wasm").read_bytes()
+    keys = ArtifactKeys.parse("k:" + "k" * 40, source="test")
+    with Sandbox() as sandbox:
+        cache = ArtifactCache(root / f"cache-{name}", sandbox.engine, sandbox.settings,
+                              sandbox.code, bucket=FileArtifactBucket(root / "store"), keys=keys)
+        (root / f"ready-{name}").touch()
+        while not (root / "go").exists():  # both load at the same instant
+            time.sleep(0.005)
+        cache.load(binary, name="slow.wasm")
+        print(cache.compiled, cache.shared.downloaded)
+    """
+)
+
+
+def slow_module(functions: int = 3000) -> bytes:
+    """Valid and distinct code that takes about a second to compile."""
+    body = " ".join(
+        f"(func (param i32) (result i32) local.get 0 i32.const {n} i32.mul i32.const {n + 1}"
+        " i32.add i32.const 7 i32.rem_u)"
+        for n in range(functions)
+    )
+    return wasmtime.wat2wasm(f"(module {body})")
+
+
+def test_two_processes_compiling_one_module_at_once_compile_once(tmp_path: Path) -> None:
+    (tmp_path / "slow.wasm").write_bytes(slow_module())
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    racers = [
+        subprocess.Popen(
+            [sys.executable, "-c", RACER, str(tmp_path), name],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for name in ("a", "b")
+    ]
+    deadline = time.monotonic() + 60
+    while not all((tmp_path / f"ready-{name}").exists() for name in ("a", "b")):
+        assert time.monotonic() < deadline and all(r.poll() is None for r in racers)
+        time.sleep(0.01)
+    (tmp_path / "go").touch()
+    results = []
+    for racer in racers:
+        out, err = racer.communicate(timeout=120)
+        assert racer.returncode == 0, err
+        compiled, downloaded = map(int, out.split())
+        results.append((compiled, downloaded))
+    assert sorted(results) == [(0, 1), (1, 0)], results
+
+
+def test_second_supervisor_serves_from_the_store_without_compiling(
+    workspace: Workspace, tmp_path: Path
+) -> None:
+    """Two real pods (`serve --workers 1` processes) share the tenants folder's artifact area
+    and the key, but not their caches: the second compiles nothing."""
+    workspace.add_tenant("demo", {"/hello": "hello.wat"})
+    key = f"pods:{'p' * 40}"
+    for name in ("a", "b"):
+        log = _serve_until_hello(workspace, tmp_path / f"cache-{name}", key)
+        if name == "a":
+            assert "compiled 1, cache hits 0, from the store 0" in log, log
+        else:
+            assert "compiled 0, cache hits 0, from the store 1" in log, log
+
+
+def _serve_until_hello(workspace: Workspace, cache: Path, key: str) -> str:
+    """Start a real server, wait for its 'loaded' log line, stop it; return its log."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "SUPERVISOR_ARTIFACT_KEY": key}
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "supervisor.cli",
+            "serve",
+            "--workers",
+            "1",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--tenants",
+            str(workspace.tenants),
+            "--policies",
+            str(workspace.policies),
+            "--cache",
+            str(cache),
+        ],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+    lines = []
+    try:
+        deadline = time.monotonic() + 60
+        for line in process.stderr:
+            lines.append(line)
+            if "loaded 1 tenants" in line or time.monotonic() > deadline:
+                break
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    return "".join(lines)
