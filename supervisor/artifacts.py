@@ -63,6 +63,8 @@ _KEY_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _HEX16_RE = re.compile(r"[0-9a-f]{16}")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
+TEMP_SUFFIX = ".tmp"  # files.write_atomically's temp files
+
 _MAGIC = b"WSART1\n\0"
 """Opens every sealed artifact: format 1. Anything else is an unsealed (or foreign) object."""
 _HEAD = struct.Struct(">B")  # the key id's length
@@ -210,17 +212,22 @@ class ArtifactBucket(Protocol):
         """Create the claim on `name` unless a live one exists (create-only, expiring)."""
         ...
 
-    def claimed(self, name: str) -> bool: ...
+    def claimed(self, name: str, ttl_s: float) -> bool: ...
     def drop_claim(self, name: str) -> None: ...
     def ages(self) -> dict[str, float]:
         """Every stored artifact's name and age in seconds."""
         ...
 
+    def tidy(self, older_than_s: float) -> None:
+        """Remove leftovers older than `older_than_s`: crashed writes, lapsed claims."""
+        ...
+
 
 class FileArtifactBucket:
-    """A folder shared by pods: `<fingerprint>/<sha256>.sealed`, and `claims/<name>.claim`
-    holding the claim's expiry. Writes are atomic (temp file, rename); a claim is an O_EXCL
-    create, so exactly one process of those racing gets it."""
+    """A folder shared by pods: `<fingerprint>/<sha256>.sealed`, and `claims/<name>.claim`,
+    an empty file whose mtime is the claim's creation. Writes are atomic (temp file, rename);
+    a claim is an O_EXCL create, so exactly one process of those racing gets it (two taking
+    over one lapsed claim at the same instant may both compile: wasted, never wrong)."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
@@ -254,26 +261,23 @@ class FileArtifactBucket:
         self.claims.mkdir(parents=True, exist_ok=True)
         for _ in range(2):  # a lapsed claim is removed, then the create is tried once more
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
             except FileExistsError:
-                if self.claimed(name):
+                if self.claimed(name, ttl_s):
                     return False
                 path.unlink(missing_ok=True)
                 continue
-            with os.fdopen(fd, "w") as file:
-                file.write(f"{time.time() + ttl_s}\n")
             return True
         return False
 
-    def claimed(self, name: str) -> bool:
+    def claimed(self, name: str, ttl_s: float) -> bool:
+        """A claim lives `ttl_s` from its creation (its mtime): one left by a pod that died,
+        however it died, lapses by then."""
         try:
-            text = self._claim_path(name).read_text()
+            created = self._claim_path(name).stat().st_mtime
         except FileNotFoundError:
             return False
-        try:
-            return float(text) > time.time()
-        except ValueError:  # being written this instant: a live claim
-            return True
+        return created + ttl_s > time.time()
 
     def drop_claim(self, name: str) -> None:
         self._claim_path(name).unlink(missing_ok=True)
@@ -289,6 +293,14 @@ class FileArtifactBucket:
                     with contextlib.suppress(FileNotFoundError):
                         found[f"{folder.name}/{item.stem}"] = now - item.stat().st_mtime
         return found
+
+    def tidy(self, older_than_s: float) -> None:
+        before = time.time() - older_than_s
+        leftovers = [*self.claims.glob("*.claim"), *self.folder.glob(f"*/*{TEMP_SUFFIX}")]
+        for path in leftovers:
+            with contextlib.suppress(FileNotFoundError):
+                if path.stat().st_mtime < before:
+                    path.unlink()
 
 
 def _split(name: str) -> tuple[str, str]:
@@ -375,7 +387,7 @@ class SharedArtifacts:
             if artifact is not None:
                 return artifact
             try:
-                if not self.bucket.claimed(name):
+                if not self.bucket.claimed(name, self.claim_ttl_s):
                     return self.fetch(digest)  # published just before the claim went
             except OSError:
                 return None
@@ -425,4 +437,8 @@ class SharedArtifacts:
             deleted += 1
             log.info("swept shared artifact %s (no manifest names it)", name)
         self.swept += deleted
+        try:
+            self.bucket.tidy(max(min_age_s, self.claim_ttl_s))
+        except OSError as exc:
+            log.warning("could not tidy the shared artifacts: %s", exc)
         return deleted

@@ -36,6 +36,11 @@ another uid is never read (every module compiles, as with a read-only cache).
 A module is compiled in a child process with the tenant's limits (compiler.py), never in the
 worker: the child hands back the serialized artifact, which is stored as above and loaded.
 
+A module this cache lacks is first looked for in the store's shared artifacts (artifacts.py),
+sealed with the pod's HMAC keys and verified before anything deserializes it; only if it is
+not there (or fails verification) is it compiled, once per cluster, and then published. The
+cache folder is named by the engine fingerprint (fingerprint.py), as the store's artifacts are.
+
 Everything here blocks: callers run it in a worker thread.
 """
 

@@ -17,6 +17,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 import wasmtime
 from conftest import REPO, Workspace
@@ -306,11 +307,11 @@ def test_two_processes_compiling_one_module_at_once_compile_once(tmp_path: Path)
     assert sorted(results) == [(0, 1), (1, 0)], results
 
 
-def test_second_supervisor_serves_from_the_store_without_compiling(
+def test_second_serve_process_loads_from_the_store_without_compiling(
     workspace: Workspace, tmp_path: Path
 ) -> None:
-    """Two real pods (`serve --workers 1` processes) share the tenants folder's artifact area
-    and the key, but not their caches: the second compiles nothing."""
+    """Two `serve --workers 1` processes, the key in $SUPERVISOR_ARTIFACT_KEY, share the
+    tenants folder's artifact area but not their caches: the second compiles nothing."""
     workspace.add_tenant("demo", {"/hello": "hello.wat"})
     key = f"pods:{'p' * 40}"
     for name in ("a", "b"):
@@ -359,3 +360,38 @@ def _serve_until_hello(workspace: Workspace, cache: Path, key: str) -> str:
         process.terminate()
         process.wait(timeout=30)
     return "".join(lines)
+
+
+async def test_second_pod_serves_the_artifact_of_the_first(
+    workspace: Workspace, start_supervisor, tmp_path: Path
+) -> None:
+    workspace.add_tenant("demo", {"/hello": "hello.wat"})
+    pods = []
+    for name in ("a", "b"):
+        running = await start_supervisor(
+            cache_dir=tmp_path / f"cache-{name}", artifact_keys=OLD, metrics_port=0
+        )
+        assert (await running.client.get("/demo/hello")).status_code == 200
+        pods.append(running)
+    first, second = (running.app.registry.cache for running in pods)
+    assert (first.compiled, first.shared.published) == (1, 1)
+    assert (second.compiled, second.shared.downloaded) == (0, 1)
+    async with httpx.AsyncClient() as client:
+        metrics = await client.get(f"http://127.0.0.1:{pods[1].app.metrics_port}/metrics")
+    assert "wasm_supervisor_shared_artifacts_downloaded_total 1.0" in metrics.text
+    assert "wasm_supervisor_modules_compiled_total 0.0" in metrics.text
+
+
+def test_sweep_tidies_lapsed_claims_and_crashed_writes(tmp_path: Path, sandbox: Sandbox) -> None:
+    cache = pod(tmp_path, sandbox, "a", OLD)
+    bucket = cache.shared.bucket
+    name = f"{cache.fingerprint}/{'0' * 64}"
+    assert bucket.create_claim(name, 60)
+    crashed = bucket.folder / cache.fingerprint / ".x.sealed.123.tmp"
+    crashed.parent.mkdir(parents=True)
+    crashed.write_bytes(b"half")
+    old = time.time() - 7200
+    for path in (crashed, bucket._claim_path(name)):
+        os.utime(path, (old, old))
+    cache.shared.sweep(set(), min_age_s=3600)
+    assert not crashed.exists() and not bucket.claimed(name, 1e9)
