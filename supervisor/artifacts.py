@@ -22,7 +22,8 @@ The bucket is collected by mark-and-sweep: whatever no manifest names any more, 
 older than a minimum age (so a sweep never races an upload), is deleted.
 
 Backends: `FileArtifactBucket`, a folder shared by pods (the `file:` store's own folder, never
-a tenant's). Everything here blocks: callers run it in a worker thread.
+a tenant's), and `store.nats_artifacts.NatsArtifactBucket` (a JetStream Object Store bucket).
+Everything here blocks: callers run it in a worker thread.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ __all__ = [
     "ArtifactBucket",
     "ArtifactKeys",
     "ArtifactRefused",
+    "BucketUnavailable",
     "FileArtifactBucket",
     "SharedArtifacts",
     "load_artifact_keys",
@@ -80,6 +82,14 @@ CLAIM_POLL_S = 0.1
 """How often a pod that lost a claim looks for the artifact (a listing-free read of one key)."""
 DEFAULT_SWEEP_MIN_AGE_S = 3600.0
 """An artifact younger than this is never swept: its manifest may not be committed yet."""
+
+
+class BucketUnavailable(Exception):
+    """The shared bucket cannot be reached now. Like a failing disk, it costs this pod a
+    compile, never service: every caller here catches it (with OSError)."""
+
+
+BUCKET_ERRORS = (OSError, BucketUnavailable)
 
 
 class ArtifactRefused(Exception):
@@ -339,7 +349,7 @@ class SharedArtifacts:
         name = self._name(digest)
         try:
             sealed = self.bucket.get(name)
-        except OSError as exc:
+        except BUCKET_ERRORS as exc:
             log.warning("shared artifact %s unreadable (%s): compiling", digest[:16], exc)
             return None
         if sealed is None:
@@ -354,7 +364,7 @@ class SharedArtifacts:
                     name,
                     exc.reason,
                 )
-                with contextlib.suppress(OSError):
+                with contextlib.suppress(*BUCKET_ERRORS):
                     self.bucket.delete(name)
             else:
                 self._foreign.add(digest)
@@ -373,7 +383,7 @@ class SharedArtifacts:
         unavailable: compiling twice is better than not at all)."""
         try:
             return self.bucket.create_claim(self._name(digest), self.claim_ttl_s)
-        except OSError as exc:
+        except BUCKET_ERRORS as exc:
             log.warning("could not claim the compile of %s (%s)", digest[:16], exc)
             return True
 
@@ -389,7 +399,7 @@ class SharedArtifacts:
             try:
                 if not self.bucket.claimed(name, self.claim_ttl_s):
                     return self.fetch(digest)  # published just before the claim went
-            except OSError:
+            except BUCKET_ERRORS:
                 return None
             time.sleep(CLAIM_POLL_S)
         return None
@@ -411,13 +421,13 @@ class SharedArtifacts:
                 len(artifact),
                 self.keys.signing_id,
             )
-        except OSError as exc:
+        except BUCKET_ERRORS as exc:
             log.warning("could not publish artifact %s: %s", name, exc)
         finally:
             self.release(digest)
 
     def release(self, digest: str) -> None:
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(*BUCKET_ERRORS):
             self.bucket.drop_claim(self._name(digest))
 
     def sweep(self, live: Iterable[str], *, min_age_s: float = DEFAULT_SWEEP_MIN_AGE_S) -> int:
@@ -426,12 +436,17 @@ class SharedArtifacts:
         how many were deleted."""
         marked = set(live)
         deleted = 0
-        for name, age in self.bucket.ages().items():
+        try:
+            ages = self.bucket.ages()
+        except BUCKET_ERRORS as exc:
+            log.warning("could not list the shared artifacts to sweep them: %s", exc)
+            return 0
+        for name, age in ages.items():
             if name.partition("/")[2] in marked or age < min_age_s:
                 continue
             try:
                 self.bucket.delete(name)
-            except OSError as exc:
+            except BUCKET_ERRORS as exc:
                 log.warning("could not sweep artifact %s: %s", name, exc)
                 continue
             deleted += 1
@@ -439,6 +454,6 @@ class SharedArtifacts:
         self.swept += deleted
         try:
             self.bucket.tidy(max(min_age_s, self.claim_ttl_s))
-        except OSError as exc:
+        except BUCKET_ERRORS as exc:
             log.warning("could not tidy the shared artifacts: %s", exc)
         return deleted

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -23,6 +26,7 @@ import wasmtime
 from conftest import REPO, Workspace
 
 from supervisor.artifacts import (
+    ArtifactBucket,
     ArtifactKeys,
     ArtifactRefused,
     FileArtifactBucket,
@@ -33,6 +37,7 @@ from supervisor.fingerprint import engine_fingerprint
 from supervisor.modules import ArtifactCache, to_binary
 from supervisor.sandbox import Sandbox
 
+ECHO = to_binary((REPO / "tenants" / "demo" / "echo.wat").read_bytes(), name="echo.wat")
 HELLO = to_binary((REPO / "tenants" / "demo" / "hello.wat").read_bytes(), name="hello.wat")
 OLD = ArtifactKeys.parse("old:" + "o" * 40, source="test")
 NEW = ArtifactKeys.parse("new:" + "n" * 40, source="test")
@@ -41,27 +46,89 @@ ATTACKER = ArtifactKeys.parse("old:" + "a" * 40, source="test")  # our key id, n
 STRANGER = ArtifactKeys.parse("theirs:" + "t" * 40, source="test")
 
 
+NATS_SERVER = Path(
+    os.environ.get("NATS_SERVER", REPO / ".cache" / "nats" / "usr" / "sbin" / "nats-server")
+)
+"""Debian's nats-server, unpacked by `make test` (or named by $NATS_SERVER)."""
+NATS_CLAIM_TTL_S = 1.0  # the claims bucket's TTL in these tests: a dead pod's claim lapses fast
+
+
 @pytest.fixture
 def sandbox() -> Sandbox:
     with Sandbox() as sandbox:
         yield sandbox
 
 
-def pod(tmp_path: Path, sandbox: Sandbox, name: str, keys: ArtifactKeys | None) -> ArtifactCache:
-    """A pod: its own local cache folder, the shared bucket under `tmp_path/store`."""
+@pytest.fixture(params=["file", "nats"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], ArtifactBucket]:
+    """A shared artifact bucket: each call is one more pod's handle on the same bucket."""
+    if request.param == "file":
+        return lambda: FileArtifactBucket(tmp_path / "store")
+    pytest.importorskip("nats", reason="nats-py is not installed")
+    if not NATS_SERVER.exists():
+        pytest.skip(f"no nats-server at {NATS_SERVER} (make test unpacks Debian's)")
+    from supervisor.store.nats_artifacts import NatsArtifactBucket
+
+    connection, _ = request.getfixturevalue("nats_connection")
+    bucket = NatsArtifactBucket(connection, claim_ttl_s=NATS_CLAIM_TTL_S)
+    return lambda: bucket
+
+
+@pytest.fixture
+def nats_connection(tmp_path: Path):
+    """A real nats-server with JetStream on a free loopback port and a temporary store
+    folder: the process's NatsConnection to it (its own asyncio loop thread), and the server.
+
+    (A fixture of this file's own: the store's shared nats-server fixture may replace it.)"""
+    from supervisor.store.nats_client import NatsConnection, parse_nats_url
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [str(NATS_SERVER), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(tmp_path / "js")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    connection = NatsConnection(parse_nats_url(f"nats://127.0.0.1:{port}"))
+    try:
+        connection.start()
+        assert connection.wait_connected(10), connection.last_error
+        yield connection, server
+    finally:
+        connection.close()
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def pod(
+    tmp_path: Path,
+    store: Callable[[], ArtifactBucket],
+    sandbox: Sandbox,
+    name: str,
+    keys: ArtifactKeys | None,
+) -> ArtifactCache:
+    """A pod: its own local cache folder, and a handle on the shared bucket."""
     return ArtifactCache(
         tmp_path / f"cache-{name}",
         sandbox.engine,
         sandbox.settings,
         sandbox.code,
-        bucket=FileArtifactBucket(tmp_path / "store"),
+        bucket=store(),
         keys=keys,
     )
 
 
-def sealed_path(cache: ArtifactCache, binary: bytes = HELLO) -> Path:
-    digest = hashlib.sha256(binary).hexdigest()
-    return cache.shared.bucket.folder / cache.fingerprint / f"{digest}.sealed"
+def name_of(cache: ArtifactCache, binary: bytes = HELLO) -> str:
+    return f"{cache.fingerprint}/{hashlib.sha256(binary).hexdigest()}"
+
+
+def stored(cache: ArtifactCache, binary: bytes = HELLO) -> bytes | None:
+    return cache.shared.bucket.get(name_of(cache, binary))
+
+
+def replace(cache: ArtifactCache, data: bytes, binary: bytes = HELLO) -> None:
+    cache.shared.bucket.put(name_of(cache, binary), data)
 
 
 def test_fingerprint_is_stable_across_processes_and_names_code_settings(sandbox: Sandbox) -> None:
@@ -91,17 +158,16 @@ def test_fingerprint_is_stable_across_processes_and_names_code_settings(sandbox:
 
 
 def test_second_pod_loads_from_the_store_without_compiling(
-    tmp_path: Path, sandbox: Sandbox
+    tmp_path: Path, store, sandbox: Sandbox
 ) -> None:
-    first = pod(tmp_path, sandbox, "a", OLD)
+    first = pod(tmp_path, store, sandbox, "a", OLD)
     assert not first.load(HELLO, name="hello.wat").cache_hit
     assert (first.compiled, first.shared.published) == (1, 1)
-    second = pod(tmp_path, sandbox, "b", OLD)
-    loaded = second.load(HELLO, name="hello.wat")
-    assert loaded.cache_hit
+    second = pod(tmp_path, store, sandbox, "b", OLD)
+    assert second.load(HELLO, name="hello.wat").cache_hit
     assert (second.compiled, second.shared.downloaded, second.shared.refused) == (0, 1, 0)
     # and it is kept in the second pod's own cache: a restart needs no store
-    again = pod(tmp_path, sandbox, "b", OLD)
+    again = pod(tmp_path, store, sandbox, "b", OLD)
     assert again.load(HELLO, name="hello.wat").cache_hit
     assert (again.compiled, again.hits, again.shared.downloaded) == (0, 1, 0)
 
@@ -115,19 +181,17 @@ def test_second_pod_loads_from_the_store_without_compiling(
     ],
 )
 def test_damaged_artifact_of_our_key_is_refused_deleted_and_rebuilt(
-    tmp_path: Path, sandbox: Sandbox, damage, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, store, sandbox: Sandbox, damage, caplog: pytest.LogCaptureFixture
 ) -> None:
-    first = pod(tmp_path, sandbox, "a", OLD)
+    first = pod(tmp_path, store, sandbox, "a", OLD)
     first.load(HELLO, name="hello.wat")
-    path = sealed_path(first)
-    good = path.read_bytes()
-    path.write_bytes(damage(good))
-    second = pod(tmp_path, sandbox, "b", OLD)
+    replace(first, damage(stored(first)))
+    second = pod(tmp_path, store, sandbox, "b", OLD)
     assert not second.load(HELLO, name="hello.wat").cache_hit
     assert (second.shared.refused, second.shared.downloaded, second.compiled) == (1, 0, 1)
     assert "refused" in caplog.text and "deleted and rebuilt" in caplog.text
     # the bad object was deleted and replaced by the rebuilt one, which a third pod takes
-    third = pod(tmp_path, sandbox, "c", OLD)
+    third = pod(tmp_path, store, sandbox, "c", OLD)
     assert third.load(HELLO, name="hello.wat").cache_hit
     assert (third.compiled, third.shared.refused) == (0, 0)
 
@@ -149,57 +213,55 @@ def test_damaged_artifact_of_our_key_is_refused_deleted_and_rebuilt(
     ],
 )
 def test_forged_artifact_is_never_deserialized(
-    tmp_path: Path, sandbox: Sandbox, forge, reason: str, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, store, sandbox: Sandbox, forge, reason: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The attacker's artifact is a valid one for this very engine (so deserializing it would
     succeed): only the seal stops it."""
-    first = pod(tmp_path, sandbox, "a", OLD)
+    first = pod(tmp_path, store, sandbox, "a", OLD)
     loaded = first.load(HELLO, name="hello.wat")
-    path = sealed_path(first)
-    raw = loaded.module.serialize()
-    forged = forge(raw, first.fingerprint, loaded.sha256)
-    path.write_bytes(forged)
-    second = pod(tmp_path, sandbox, "b", OLD)
+    forged = forge(loaded.module.serialize(), first.fingerprint, loaded.sha256)
+    replace(first, forged)
+    second = pod(tmp_path, store, sandbox, "b", OLD)
     assert not second.load(HELLO, name="hello.wat").cache_hit
     assert (second.shared.refused, second.shared.downloaded, second.compiled) == (1, 0, 1)
     assert reason in caplog.text
     if reason.startswith("wrong MAC"):  # claims our key id: deleted, rebuilt, republished
-        assert OLD.open(path.read_bytes(), fingerprint=first.fingerprint, digest=loaded.sha256)
+        assert OLD.open(stored(first), fingerprint=first.fingerprint, digest=loaded.sha256)
     else:  # claims no key of ours: left alone (a newer pod's, maybe), neither deleted nor replaced
-        assert path.read_bytes() == forged
+        assert stored(first) == forged
 
 
-def test_a_valid_artifact_of_another_module_is_refused(tmp_path: Path, sandbox: Sandbox) -> None:
+def test_a_valid_artifact_of_another_module_is_refused(
+    tmp_path: Path, store, sandbox: Sandbox
+) -> None:
     """The MAC binds the module's sha256: a bucket writer cannot swap two sealed artifacts."""
-    first = pod(tmp_path, sandbox, "a", OLD)
-    echo = to_binary((REPO / "tenants" / "demo" / "echo.wat").read_bytes(), name="echo.wat")
+    first = pod(tmp_path, store, sandbox, "a", OLD)
     first.load(HELLO, name="hello.wat")
-    first.load(echo, name="echo.wat")
-    sealed_path(first, HELLO).write_bytes(sealed_path(first, echo).read_bytes())
-    second = pod(tmp_path, sandbox, "b", OLD)
+    first.load(ECHO, name="echo.wat")
+    replace(first, stored(first, ECHO), HELLO)
+    second = pod(tmp_path, store, sandbox, "b", OLD)
     assert not second.load(HELLO, name="hello.wat").cache_hit
     assert (second.shared.refused, second.compiled) == (1, 1)
 
 
-def test_key_rotation_old_key_verifies_new_key_signs(tmp_path: Path, sandbox: Sandbox) -> None:
-    before = pod(tmp_path, sandbox, "before", OLD)
+def test_key_rotation_old_key_verifies_new_key_signs(
+    tmp_path: Path, store, sandbox: Sandbox
+) -> None:
+    before = pod(tmp_path, store, sandbox, "before", OLD)
     before.load(HELLO, name="hello.wat")
-    rotated = pod(tmp_path, sandbox, "rotated", ROTATED)
+    rotated = pod(tmp_path, store, sandbox, "rotated", ROTATED)
     assert rotated.load(HELLO, name="hello.wat").cache_hit  # sealed with old: still verifies
     assert (rotated.compiled, rotated.shared.downloaded) == (0, 1)
-    echo = to_binary((REPO / "tenants" / "demo" / "echo.wat").read_bytes(), name="echo.wat")
-    rotated.load(echo, name="echo.wat")
-    sealed = sealed_path(rotated, echo).read_bytes()
-    digest = rotated.load(echo, name="echo.wat").sha256
+    digest = rotated.load(ECHO, name="echo.wat").sha256
+    sealed = stored(rotated, ECHO)
     assert NEW.open(sealed, fingerprint=rotated.fingerprint, digest=digest)  # new key signs
     with pytest.raises(ArtifactRefused, match="not one of ours"):
         OLD.open(sealed, fingerprint=rotated.fingerprint, digest=digest)
 
 
-def test_without_a_key_the_store_is_not_used(tmp_path: Path, sandbox: Sandbox) -> None:
-    sealed = pod(tmp_path, sandbox, "a", OLD)
-    sealed.load(HELLO, name="hello.wat")
-    keyless = pod(tmp_path, sandbox, "b", None)
+def test_without_a_key_the_store_is_not_used(tmp_path: Path, store, sandbox: Sandbox) -> None:
+    pod(tmp_path, store, sandbox, "a", OLD).load(HELLO, name="hello.wat")
+    keyless = pod(tmp_path, store, sandbox, "b", None)
     assert keyless.shared is None
     assert not keyless.load(HELLO, name="hello.wat").cache_hit
     assert keyless.compiled == 1
@@ -219,32 +281,49 @@ def test_key_file_errors_name_the_line() -> None:
     assert keys is not None and keys.signing_id == "k1" and "s" * 40 not in repr(keys)
 
 
-def test_sweep_deletes_unnamed_artifacts_past_the_minimum_age(
-    tmp_path: Path, sandbox: Sandbox
+def test_sweep_deletes_what_no_module_names_past_the_minimum_age(
+    tmp_path: Path, store, sandbox: Sandbox
 ) -> None:
-    cache = pod(tmp_path, sandbox, "a", OLD)
-    echo = to_binary((REPO / "tenants" / "demo" / "echo.wat").read_bytes(), name="echo.wat")
+    cache = pod(tmp_path, store, sandbox, "a", OLD)
     hello = cache.load(HELLO, name="hello.wat").sha256
-    cache.load(echo, name="echo.wat")
-    old = time.time() - 7200
-    os.utime(sealed_path(cache, echo), (old, old))
-    assert cache.shared.sweep({hello}, min_age_s=3600) == 1  # echo: unnamed and old
-    assert not sealed_path(cache, echo).exists()
-    young_unnamed = cache.shared.sweep(set(), min_age_s=3600)  # hello: just written
-    assert young_unnamed == 0 and sealed_path(cache, HELLO).exists()
+    cache.load(ECHO, name="echo.wat")
+    assert cache.shared.sweep(set(), min_age_s=3600) == 0  # unnamed, but younger than that
+    assert stored(cache, HELLO) and stored(cache, ECHO)
+    assert cache.shared.sweep({hello}, min_age_s=0) == 1  # echo: named by no module
+    assert stored(cache, ECHO) is None and stored(cache, HELLO)
 
 
 def test_a_lapsed_claim_of_a_dead_pod_does_not_block_compiling(
-    tmp_path: Path, sandbox: Sandbox
+    tmp_path: Path, store, sandbox: Sandbox
 ) -> None:
-    cache = pod(tmp_path, sandbox, "a", OLD)
-    cache.shared.claim_ttl_s = 0.5
-    dead = FileArtifactBucket(tmp_path / "store")
-    digest = hashlib.sha256(HELLO).hexdigest()
-    assert dead.create_claim(f"{cache.fingerprint}/{digest}", 0.3)  # a pod that then died
+    cache = pod(tmp_path, store, sandbox, "a", OLD)
+    cache.shared.claim_ttl_s = NATS_CLAIM_TTL_S
+    assert store().create_claim(name_of(cache), NATS_CLAIM_TTL_S)  # a pod that then died
     started = time.monotonic()
     assert not cache.load(HELLO, name="hello.wat").cache_hit
     assert cache.compiled == 1 and time.monotonic() - started < 5
+
+
+def test_one_claim_wins_among_racing_pods(tmp_path: Path, store, sandbox: Sandbox) -> None:
+    """Eight threads create one claim at once (each a pod's handle): exactly one gets it."""
+    name = f"{pod(tmp_path, store, sandbox, 'a', OLD).fingerprint}/{'1' * 64}"
+    buckets = [store() for _ in range(8)]
+    start = threading.Barrier(len(buckets))
+    won: list[bool] = []
+
+    def race(bucket: ArtifactBucket) -> None:
+        start.wait()
+        won.append(bucket.create_claim(name, 60))
+
+    threads = [threading.Thread(target=race, args=(bucket,)) for bucket in buckets]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert sorted(won) == [False] * 7 + [True]
+    assert buckets[0].claimed(name, 60)
+    buckets[0].drop_claim(name)
+    assert not buckets[0].claimed(name, 60) and buckets[1].create_claim(name, 60)
 
 
 RACER = textwrap.dedent(
@@ -383,7 +462,7 @@ async def test_second_pod_serves_the_artifact_of_the_first(
 
 
 def test_sweep_tidies_lapsed_claims_and_crashed_writes(tmp_path: Path, sandbox: Sandbox) -> None:
-    cache = pod(tmp_path, sandbox, "a", OLD)
+    cache = pod(tmp_path, lambda: FileArtifactBucket(tmp_path / "store"), sandbox, "a", OLD)
     bucket = cache.shared.bucket
     name = f"{cache.fingerprint}/{'0' * 64}"
     assert bucket.create_claim(name, 60)
@@ -395,3 +474,28 @@ def test_sweep_tidies_lapsed_claims_and_crashed_writes(tmp_path: Path, sandbox: 
         os.utime(path, (old, old))
     cache.shared.sweep(set(), min_age_s=3600)
     assert not crashed.exists() and not bucket.claimed(name, 1e9)
+
+
+def test_an_unreachable_store_costs_a_compile_not_service(
+    tmp_path: Path, sandbox: Sandbox, request: pytest.FixtureRequest, caplog
+) -> None:
+    """NATS goes away: a pod that lacks the artifact compiles it, and says why in its log."""
+    pytest.importorskip("nats", reason="nats-py is not installed")
+    if not NATS_SERVER.exists():
+        pytest.skip(f"no nats-server at {NATS_SERVER} (make test unpacks Debian's)")
+    from supervisor.store.nats_artifacts import NatsArtifactBucket
+
+    connection, server = request.getfixturevalue("nats_connection")
+    bucket = NatsArtifactBucket(connection, claim_ttl_s=NATS_CLAIM_TTL_S)
+    pod(tmp_path, lambda: bucket, sandbox, "a", OLD).load(HELLO, name="hello.wat")
+    server.terminate()
+    server.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while connection.connected:
+        assert time.monotonic() < deadline, "the connection never noticed"
+        time.sleep(0.02)
+    second = pod(tmp_path, lambda: bucket, sandbox, "b", OLD)
+    assert not second.load(HELLO, name="hello.wat").cache_hit
+    assert (second.compiled, second.shared.downloaded, second.shared.published) == (1, 0, 0)
+    assert "unreadable (NATS: store unreachable" in caplog.text
+    assert "could not publish artifact" in caplog.text

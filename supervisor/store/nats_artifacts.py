@@ -1,0 +1,189 @@
+"""Shared artifacts in NATS JetStream: an Object Store bucket, and a KV bucket for claims.
+
+The `nats:` store's `artifacts.ArtifactBucket`. Sealed artifacts are objects named
+`<fingerprint>/<sha256>` in an Object Store bucket; a compile claim is the key
+`<fingerprint>.<sha256>`, made with `KeyValue.create` (create-only: exactly one of the pods
+racing gets it) in a KV bucket whose `ttl` is the claims' lifetime, so the claim of a pod that
+died expires with no one to delete it.
+
+Calls go through the process's `NatsConnection` (nats_client.py) from worker threads. Any
+failure (NATS unreachable, a call timing out, a JetStream error) becomes `BucketUnavailable`,
+which costs the pod a compile, never service. nats is imported only where the `nats:` store is
+used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import nats.errors
+import nats.js.errors
+from nats.js.api import KeyValueConfig, ObjectStoreConfig, StorageType
+
+from ..artifacts import CLAIM_TTL_S, BucketUnavailable
+from .nats_client import NatsConnection, StoreUnavailable
+
+__all__ = ["DEFAULT_ARTIFACTS_BUCKET", "DEFAULT_CLAIMS_BUCKET", "NatsArtifactBucket"]
+
+DEFAULT_ARTIFACTS_BUCKET = "wasm-supervisor-artifacts"
+DEFAULT_CLAIMS_BUCKET = "wasm-supervisor-artifact-claims"
+TRANSFER_TIMEOUT_S = 60.0
+"""One artifact's upload or download: a 100 MB runtime's artifact over a slow link."""
+CLAIM_CALL_TIMEOUT_S = 5.0
+"""A claim or a lookup: one small message each way."""
+
+T = TypeVar("T")
+
+
+class NatsArtifactBucket:
+    """`artifacts.ArtifactBucket` over JetStream. Every method blocks: worker threads only."""
+
+    def __init__(
+        self,
+        connection: NatsConnection,
+        *,
+        bucket: str = DEFAULT_ARTIFACTS_BUCKET,
+        claims_bucket: str = DEFAULT_CLAIMS_BUCKET,
+        replicas: int = 1,
+        claim_ttl_s: float = CLAIM_TTL_S,
+    ) -> None:
+        self._connection = connection
+        self._names = (bucket, claims_bucket)
+        self._replicas = replicas
+        self._claim_ttl_s = claim_ttl_s
+        self._handles: tuple[Any, Any, Any] | None = None  # (jetstream, objects, claims)
+
+    async def _buckets(self) -> tuple[Any, Any]:
+        """The Object Store and KV handles, opened (created, file-backed, if absent) once per
+        JetStream context."""
+        js = self._connection.jetstream
+        if self._handles is None or self._handles[0] is not js:
+            bucket, claims_bucket = self._names
+            try:
+                objects = await js.object_store(bucket)
+            except nats.js.errors.NotFoundError:
+                objects = await js.create_object_store(
+                    bucket,
+                    config=ObjectStoreConfig(
+                        bucket=bucket, storage=StorageType.FILE, replicas=self._replicas
+                    ),
+                )
+            try:
+                claims = await js.key_value(claims_bucket)
+            except nats.js.errors.NotFoundError:
+                claims = await js.create_key_value(
+                    KeyValueConfig(
+                        bucket=claims_bucket,
+                        ttl=self._claim_ttl_s,
+                        history=1,
+                        storage=StorageType.FILE,
+                        replicas=self._replicas,
+                    )
+                )
+            self._handles = (js, objects, claims)
+        return self._handles[1], self._handles[2]
+
+    def _call(self, make_coro: Callable[[], Awaitable[T]], timeout: float) -> T:
+        try:
+            return self._connection.call(make_coro, timeout=timeout)
+        except (StoreUnavailable, nats.errors.Error) as exc:
+            raise BucketUnavailable(f"NATS: {exc}") from exc
+
+    def get(self, name: str) -> bytes | None:
+        async def get() -> bytes | None:
+            objects, _ = await self._buckets()
+            try:
+                result = await objects.get(name)
+            except nats.js.errors.NotFoundError:
+                return None
+            return result.data or b""
+
+        return self._call(get, TRANSFER_TIMEOUT_S)
+
+    def put(self, name: str, data: bytes) -> None:
+        async def put() -> None:
+            objects, _ = await self._buckets()
+            await objects.put(name, bytes(data))
+
+        self._call(put, TRANSFER_TIMEOUT_S)
+
+    def delete(self, name: str) -> None:
+        async def delete() -> None:
+            objects, _ = await self._buckets()
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                await objects.delete(name)
+
+        self._call(delete, CLAIM_CALL_TIMEOUT_S)
+
+    def create_claim(self, name: str, ttl_s: float) -> bool:
+        """`ttl_s` is ignored: a claim lives the claims bucket's TTL, set at its creation."""
+
+        async def create() -> bool:
+            _, claims = await self._buckets()
+            try:
+                await claims.create(_claim_key(name), b"")
+            except nats.js.errors.KeyWrongLastSequenceError:
+                return False
+            return True
+
+        return self._call(create, CLAIM_CALL_TIMEOUT_S)
+
+    def claimed(self, name: str, ttl_s: float) -> bool:
+        async def claimed() -> bool:
+            _, claims = await self._buckets()
+            try:
+                await claims.get(_claim_key(name))
+            except nats.js.errors.NotFoundError:  # absent, expired or deleted
+                return False
+            return True
+
+        return self._call(claimed, CLAIM_CALL_TIMEOUT_S)
+
+    def drop_claim(self, name: str) -> None:
+        async def drop() -> None:
+            _, claims = await self._buckets()
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                await claims.delete(_claim_key(name))
+
+        self._call(drop, CLAIM_CALL_TIMEOUT_S)
+
+    def ages(self) -> dict[str, float]:
+        async def ages() -> dict[str, float]:
+            objects, _ = await self._buckets()
+            try:
+                infos = await objects.list(ignore_deletes=True)
+            except nats.js.errors.NotFoundError:  # an empty bucket
+                return {}
+            now = datetime.datetime.now(datetime.UTC)
+            return {
+                info.name: (now - created).total_seconds()
+                for info in infos
+                if not info.deleted and (created := _parse_time(info.mtime)) is not None
+            }
+
+        return self._call(ages, TRANSFER_TIMEOUT_S)
+
+    def tidy(self, older_than_s: float) -> None:
+        """Nothing to do: claims expire with their bucket's TTL, and a put is atomic."""
+
+
+def _claim_key(name: str) -> str:
+    return name.replace("/", ".")  # KV keys are subject tokens: `<fingerprint>.<sha256>`
+
+
+def _parse_time(text: str | None) -> datetime.datetime | None:
+    """An object's mtime (RFC 3339; Go clients write nanoseconds, Python takes at most
+    microseconds). None if absent or unreadable: such an object is never swept."""
+    if not text:
+        return None
+    head, dot, fraction = text.replace("Z", "+00:00").partition(".")
+    if dot:
+        digits = len(fraction) - len(fraction.lstrip("0123456789"))
+        text = f"{head}.{fraction[:digits][:6]}{fraction[digits:]}"
+    try:
+        return datetime.datetime.fromisoformat(text)
+    except ValueError:
+        return None
