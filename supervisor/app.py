@@ -151,15 +151,15 @@ async def run(
         started = time.perf_counter()
         state = await trio.to_thread.run_sync(registry.reload)
         log.info(
-            "loaded %d tenants (%d routes) in %.2fs; compiled %d, cache hits %d, from the store"
-            " %d; %d errors",
+            "loaded %d tenants (%d routes) in %.2fs; compiled %d, cache hits %d; %d errors;"
+            " %d from the store's artifacts",
             len(state.tenants),
             sum(len(tenant.routes) for tenant in state.tenants.values()),
             time.perf_counter() - started,
             cache.compiled,
             cache.hits,
-            cache.shared.downloaded if cache.shared else 0,
             len(state.errors),
+            cache.shared.downloaded if cache.shared else 0,
         )
         server_config = replace(
             config.server, max_connections=_connection_limit(config.server, config.slots)

@@ -35,10 +35,11 @@ from nats.js.api import (
 from ..artifacts import CLAIM_TTL_S, BucketUnavailable
 from .nats_client import NatsConnection, StoreUnavailable
 
-__all__ = ["DEFAULT_ARTIFACTS_BUCKET", "DEFAULT_CLAIMS_BUCKET", "NatsArtifactBucket"]
+__all__ = ["NatsArtifactBucket"]
 
-DEFAULT_ARTIFACTS_BUCKET = "wasm-supervisor-artifacts"
-DEFAULT_CLAIMS_BUCKET = "wasm-supervisor-artifact-claims"
+DEFAULT_PREFIX = "wasm-supervisor"
+"""The store's bucket prefix (`--store-prefix`): `<prefix>-artifacts` (Object Store) and
+`<prefix>-artifact-claims` (KV), beside the store's `<prefix>-manifests` and `-modules`."""
 TRANSFER_TIMEOUT_S = 60.0
 """One artifact's upload or download: a 100 MB runtime's artifact over a slow link."""
 CLAIM_CALL_TIMEOUT_S = 5.0
@@ -63,13 +64,12 @@ class NatsArtifactBucket:
         self,
         connection: NatsConnection,
         *,
-        bucket: str = DEFAULT_ARTIFACTS_BUCKET,
-        claims_bucket: str = DEFAULT_CLAIMS_BUCKET,
+        prefix: str = DEFAULT_PREFIX,
         replicas: int = 1,
         claim_ttl_s: float = CLAIM_TTL_S,
     ) -> None:
         self._connection = connection
-        self._names = (bucket, claims_bucket)
+        self._names = (f"{prefix}-artifacts", f"{prefix}-artifact-claims")
         self._replicas = replicas
         self._claim_ttl_s = claim_ttl_s
         self._handles: tuple[Any, Any, Any] | None = None  # (jetstream, objects, claims)

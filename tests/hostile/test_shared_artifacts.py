@@ -396,9 +396,9 @@ def test_second_serve_process_loads_from_the_store_without_compiling(
     for name in ("a", "b"):
         log = _serve_until_hello(workspace, tmp_path / f"cache-{name}", key)
         if name == "a":
-            assert "compiled 1, cache hits 0, from the store 0" in log, log
+            assert "compiled 1, cache hits 0; 0 errors; 0 from the store" in log, log
         else:
-            assert "compiled 0, cache hits 0, from the store 1" in log, log
+            assert "compiled 0, cache hits 0; 0 errors; 1 from the store" in log, log
 
 
 def _serve_until_hello(workspace: Workspace, cache: Path, key: str) -> str:
