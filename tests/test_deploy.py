@@ -469,5 +469,6 @@ def test_every_pod_mounts_the_store_secret_its_environment_names():
         credentials = Path(env["SUPERVISOR_STORE_CREDENTIALS"])
         assert credentials.parent == folder and credentials.name in data, name
         assert env["SUPERVISOR_STORE"].startswith(("nats://", "tls://")), name
+        assert env["SUPERVISOR_STORE_REPLICAS"] == "3", f"{name}: production buckets replicate"
         args = cli.build_parser().parse_args(["serve", "--artifact-key-file", str(key_file)])
         assert args.artifact_key_file == key_file
