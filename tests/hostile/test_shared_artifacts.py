@@ -394,51 +394,38 @@ def test_second_serve_process_loads_from_the_store_without_compiling(
     workspace.add_tenant("demo", {"/hello": "hello.wat"})
     key = f"pods:{'p' * 40}"
     for name in ("a", "b"):
-        log = _serve_until_hello(workspace, tmp_path / f"cache-{name}", key)
+        log = _serve_until_loaded(workspace, tmp_path / f"cache-{name}", key)
         if name == "a":
             assert "compiled 1, cache hits 0; 0 errors; 0 from the store" in log, log
         else:
             assert "compiled 0, cache hits 0; 0 errors; 1 from the store" in log, log
 
 
-def _serve_until_hello(workspace: Workspace, cache: Path, key: str) -> str:
-    """Start a real server, wait for its 'loaded' log line, stop it; return its log."""
+def _serve_until_loaded(workspace: Workspace, cache: Path, key: str) -> str:
+    """Start a real server, wait (60 s at most) for its start-up line, stop it; its log."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "SUPERVISOR_ARTIFACT_KEY": key}
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "supervisor.cli",
-            "serve",
-            "--workers",
-            "1",
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--tenants",
-            str(workspace.tenants),
-            "--policies",
-            str(workspace.policies),
-            "--cache",
-            str(cache),
-        ],
-        stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        text=True,
-        env=env,
-    )
-    lines = []
+    log = cache.with_suffix(".log")
+    with log.open("w") as output:
+        process = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "supervisor.cli", "serve", "--workers", "1"),
+                *("--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"),
+                *("--tenants", str(workspace.tenants), "--policies", str(workspace.policies)),
+                *("--cache", str(cache)),
+            ],
+            stderr=output,
+            stdout=subprocess.DEVNULL,
+            env=env,
+        )
     try:
         deadline = time.monotonic() + 60
-        for line in process.stderr:
-            lines.append(line)
-            if "loaded 1 tenants" in line or time.monotonic() > deadline:
-                break
+        while "loaded 1 tenants" not in log.read_text():
+            assert time.monotonic() < deadline and process.poll() is None, log.read_text()
+            time.sleep(0.02)
     finally:
         process.terminate()
         process.wait(timeout=30)
-    return "".join(lines)
+    return log.read_text()
 
 
 async def test_second_pod_serves_the_artifact_of_the_first(
