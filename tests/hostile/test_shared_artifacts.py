@@ -296,12 +296,21 @@ def test_sweep_deletes_what_no_module_names_past_the_minimum_age(
 def test_a_lapsed_claim_of_a_dead_pod_does_not_block_compiling(
     tmp_path: Path, store, sandbox: Sandbox
 ) -> None:
+    """The claim lapses by itself (nobody deletes it), and the waiting pod then compiles."""
     cache = pod(tmp_path, store, sandbox, "a", OLD)
     cache.shared.claim_ttl_s = NATS_CLAIM_TTL_S
-    assert store().create_claim(name_of(cache), NATS_CLAIM_TTL_S)  # a pod that then died
+    dead = store()
+    assert dead.create_claim(name_of(cache), NATS_CLAIM_TTL_S)  # a pod that then died
+    assert not dead.create_claim(name_of(cache), NATS_CLAIM_TTL_S)  # while it stands
     started = time.monotonic()
     assert not cache.load(HELLO, name="hello.wat").cache_hit
     assert cache.compiled == 1 and time.monotonic() - started < 5
+    other = f"{cache.fingerprint}/{'2' * 64}"
+    assert dead.create_claim(other, NATS_CLAIM_TTL_S)
+    deadline = time.monotonic() + 10
+    while not dead.create_claim(other, NATS_CLAIM_TTL_S):  # lapses without a drop
+        assert time.monotonic() < deadline, "a dead pod's claim never lapsed"
+        time.sleep(0.05)
 
 
 def test_one_claim_wins_among_racing_pods(tmp_path: Path, store, sandbox: Sandbox) -> None:
