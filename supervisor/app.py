@@ -21,6 +21,7 @@ import trio
 from . import malloc, server, store
 from .admin import DEFAULT_COMPILE_THREADS, AdminApi
 from .admission import Admission
+from .artifacts import ArtifactKeys, FileArtifactBucket
 from .auth import Authenticator
 from .errors import ConfigError
 from .gateway import Gateway
@@ -50,6 +51,9 @@ which stays mapped): modules loaded later, admin uploads and cache files being w
 compile children's pipes, a worker's restart."""
 METRICS_MAX_CONNECTIONS = 16
 """Scrapers of `/metrics` at once: a few Prometheus replicas and an adapter."""
+SHARED_ARTIFACTS_FOLDER = ".artifacts"
+SWEEP_INTERVAL_S = 600.0
+"""How often a process sweeps the shared artifacts (each pod does: a sweep is idempotent)."""
 MIN_CONNECTIONS = 16
 """Fewer connections than this is a misconfiguration: refuse to start and say why."""
 
@@ -80,6 +84,13 @@ class AppConfig:
     metrics_port: int | None = None  # None: no metrics listener (the CLI always opens one)
     metrics_tenants: frozenset[str] = frozenset()  # tenants with their own metric label
     insecure_registries: frozenset[str] = frozenset()  # host[:port]s pulled over plain HTTP
+    artifact_keys: ArtifactKeys | None = None  # seal shared artifacts; None: no sharing
+    artifacts_dir: Path | None = None  # the store's shared artifacts; None: under tenants_dir
+
+    def shared_artifacts_dir(self) -> Path:
+        """The `file:` store's artifact area: its own folder, never a tenant's (a tenant's
+        name never starts with a dot)."""
+        return self.artifacts_dir or self.tenants_dir / SHARED_ARTIFACTS_FOLDER
 
 
 @dataclass
@@ -115,7 +126,21 @@ async def run(
             sandbox.code,
             max_bytes=config.cache_max_bytes,
             min_age_s=config.cache_min_age_s,
+            bucket=FileArtifactBucket(config.shared_artifacts_dir()),
+            keys=config.artifact_keys,
         )
+        if cache.shared is None:
+            log.info(
+                "shared artifacts off: no artifact key (--artifact-key-file or"
+                " $SUPERVISOR_ARTIFACT_KEY); every pod compiles what its own cache lacks"
+            )
+        else:
+            log.info(
+                "shared artifacts in %s (engine %s), sealed with key %s",
+                config.shared_artifacts_dir(),
+                cache.fingerprint,
+                config.artifact_keys.signing_id,
+            )
         changes = store.open_change_counter(config.cache_dir)  # shared by the pod's workers
         registry = TenantRegistry(
             config.tenants_dir,
@@ -128,13 +153,15 @@ async def run(
         started = time.perf_counter()
         state = await trio.to_thread.run_sync(registry.reload)
         log.info(
-            "loaded %d tenants (%d routes) in %.2fs; compiled %d, cache hits %d; %d errors",
+            "loaded %d tenants (%d routes) in %.2fs; compiled %d, cache hits %d; %d errors;"
+            " %d from the store's artifacts",
             len(state.tenants),
             sum(len(tenant.routes) for tenant in state.tenants.values()),
             time.perf_counter() - started,
-            cache.misses,
+            cache.compiled,
             cache.hits,
             len(state.errors),
+            cache.shared.downloaded if cache.shared else 0,
         )
         server_config = replace(
             config.server, max_connections=_connection_limit(config.server, config.slots)
@@ -168,7 +195,7 @@ async def run(
             if config.handle_signals:
                 nursery.start_soon(_handle_signals, registry, shutdown)
             nursery.start_soon(registry.watch, config.watch_interval_s)
-            nursery.start_soon(_collect_artifacts, cache)
+            nursery.start_soon(_collect_artifacts, cache, registry)
             if pod is not None:
                 nursery.start_soon(admission.poll_pod)
             if metrics_listeners is not None:
@@ -243,14 +270,34 @@ def _connection_limit(config: server.ServerConfig, slots: int) -> int:
     return limit
 
 
-async def _collect_artifacts(cache: ArtifactCache) -> None:
-    """Lease this process's artifacts and collect unused ones, forever (cancel to stop)."""
+async def _collect_artifacts(cache: ArtifactCache, registry: TenantRegistry) -> None:
+    """Lease this process's artifacts and collect unused ones, forever (cancel to stop); every
+    SWEEP_INTERVAL_S, sweep the store's shared artifacts that no module names any more."""
+    next_sweep = time.monotonic() + SWEEP_INTERVAL_S
     while True:
         await trio.sleep(cache.collect_interval())
         try:
             await trio.to_thread.run_sync(cache.collect)
+            if cache.shared is not None and time.monotonic() >= next_sweep:
+                next_sweep = time.monotonic() + SWEEP_INTERVAL_S
+                live = await trio.to_thread.run_sync(_named_modules, registry)
+                await trio.to_thread.run_sync(cache.shared.sweep, live)
         except Exception:
             log.exception("artifact cache collection failed")
+
+
+def _named_modules(registry: TenantRegistry) -> set[str]:
+    """The mark of the shared artifacts' sweep: the sha256 of every module the `file:` store
+    holds (uploads, current and kept for rollback, are files named by their content) and of
+    every module loaded from `modules.toml`."""
+    live = {
+        module.sha256
+        for tenant in registry.state.tenants.values()
+        for module in tenant.modules.values()
+    }
+    for path in registry.tenants_dir.glob(f"*/{store.MODULES_DIR}/*.wasm"):
+        live.add(path.stem)
+    return live
 
 
 async def _handle_signals(registry: TenantRegistry, shutdown: trio.Event) -> None:

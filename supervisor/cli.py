@@ -19,7 +19,18 @@ from pathlib import Path
 
 import trio
 
-from . import __version__, admin, app, client, metrics, modules, policies, server, workers
+from . import (
+    __version__,
+    admin,
+    app,
+    artifacts,
+    client,
+    metrics,
+    modules,
+    policies,
+    server,
+    workers,
+)
 from .auth import operator_token_sha256
 from .errors import ConfigError
 
@@ -220,6 +231,15 @@ def build_parser() -> argparse.ArgumentParser:
             },
         ),
         (
+            "artifact-key-file",
+            {
+                "type": Path,
+                "default": None,
+                "help": "keys sealing the store's shared compiled artifacts, one KEY_ID:SECRET a"
+                " line, the first signs (else $SUPERVISOR_ARTIFACT_KEY; neither: not shared)",
+            },
+        ),
+        (
             "compile-threads",
             {
                 "type": _positive_int,
@@ -327,6 +347,11 @@ def _app_config(args: argparse.Namespace) -> app.AppConfig | None:
     except (OSError, ValueError) as exc:
         print(f"error: admin token: {exc}", file=sys.stderr)
         return None
+    try:
+        artifact_keys = artifacts.load_artifact_keys(args.artifact_key_file, os.environ)
+    except (OSError, ValueError) as exc:
+        print(f"error: artifact key: {exc}", file=sys.stderr)
+        return None
     return app.AppConfig(
         host=host,
         port=port,
@@ -349,6 +374,7 @@ def _app_config(args: argparse.Namespace) -> app.AppConfig | None:
         admin_token_sha256=admin_token_sha256,
         compile_threads=args.compile_threads,
         insecure_registries=frozenset(args.insecure_registry),
+        artifact_keys=artifact_keys,
     )
 
 

@@ -324,6 +324,12 @@ class _StateCollector:
         families["cache_misses"].add_metric([], cache.misses)
         families["cache_rebuilt"].add_metric([], cache.rebuilt)
         families["cache_collected"].add_metric([], cache.collected)
+        families["compiled"].add_metric([], cache.compiled)
+        shared = cache.shared
+        families["shared_downloaded"].add_metric([], shared.downloaded if shared else 0)
+        families["shared_refused"].add_metric([], shared.refused if shared else 0)
+        families["shared_published"].add_metric([], shared.published if shared else 0)
+        families["shared_swept"].add_metric([], shared.swept if shared else 0)
         families["reload_errors"].add_metric([], self._registry.reload_errors)
 
         state = self._registry.state
@@ -405,6 +411,24 @@ class _StateCollector:
             "cache_collected": counter(
                 "artifact_cache_collected",
                 "Artifacts deleted: unused for the cache's minimum age, or evicted over its bound.",
+            ),
+            "compiled": counter(
+                "modules_compiled", "Modules compiled here: in neither cache nor the store."
+            ),
+            "shared_downloaded": counter(
+                "shared_artifacts_downloaded",
+                "Compiled artifacts taken from the store, authenticated, instead of compiling.",
+            ),
+            "shared_refused": counter(
+                "shared_artifacts_refused",
+                "Store artifacts that failed authentication (no seal, wrong MAC, truncated,"
+                " unknown key): never loaded, rebuilt.",
+            ),
+            "shared_published": counter(
+                "shared_artifacts_published", "Artifacts compiled here and sealed into the store."
+            ),
+            "shared_swept": counter(
+                "shared_artifacts_swept", "Store artifacts swept: no module names them."
             ),
             "reload_errors": counter(
                 "policy_reload_errors",

@@ -36,6 +36,11 @@ another uid is never read (every module compiles, as with a read-only cache).
 A module is compiled in a child process with the tenant's limits (compiler.py), never in the
 worker: the child hands back the serialized artifact, which is stored as above and loaded.
 
+A module this cache lacks is first looked for in the store's shared artifacts (artifacts.py),
+sealed with the pod's HMAC keys and verified before anything deserializes it; only if it is
+not there (or fails verification) is it compiled, once per cluster, and then published. The
+cache folder is named by the engine fingerprint (fingerprint.py), as the store's artifacts are.
+
 Everything here blocks: callers run it in a worker thread.
 """
 
@@ -43,12 +48,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.metadata
 import json
 import logging
 import mmap
 import os
-import platform
 import re
 import stat
 import threading
@@ -61,6 +64,7 @@ from typing import BinaryIO
 
 import wasmtime
 
+from .artifacts import ArtifactBucket, ArtifactKeys, SharedArtifacts
 from .compiler import (
     COMPILER,
     DEFAULT_COMPILE_LIMITS,
@@ -71,6 +75,7 @@ from .compiler import (
 )
 from .errors import ModuleRejected
 from .files import fsync_directory, write_atomically
+from .fingerprint import engine_fingerprint
 
 log = logging.getLogger("supervisor.modules")
 
@@ -109,13 +114,6 @@ class CompiledModule:
     cache_hit: bool
 
 
-def engine_fingerprint(engine_settings: str) -> str:
-    """Names the cache folder: artifacts only load into an engine built the same way."""
-    version = importlib.metadata.version("wasmtime")
-    text = f"wasmtime-{version}|{platform.machine()}|{engine_settings}"
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 def to_binary(source: bytes, *, name: str) -> bytes:
     """The module's binary: `.wat` text is converted; anything else must be a binary."""
     if source[:4] == b"\0asm":
@@ -141,9 +139,14 @@ class ArtifactCache:
         *,
         max_bytes: int = DEFAULT_MAX_BYTES,
         min_age_s: float = DEFAULT_MIN_AGE_S,
+        bucket: ArtifactBucket | None = None,
+        keys: ArtifactKeys | None = None,
     ) -> None:
-        """`code`: the settings `engine` was built with that change code (compiler.py)."""
-        self.directory = directory / engine_fingerprint(engine_settings)
+        """`code`: the settings `engine` was built with that change code (compiler.py).
+        `bucket` and `keys`: the store's shared artifacts, used only with both (artifacts.py)."""
+        self.fingerprint = engine_fingerprint(engine, engine_settings)
+        self.directory = directory / self.fingerprint
+        self.shared = SharedArtifacts(bucket, keys, self.fingerprint) if bucket and keys else None
         self.usable = _private_folder(self.directory)
         self.engine = engine
         self.max_bytes = max_bytes
@@ -161,6 +164,7 @@ class ArtifactCache:
         self.hits = 0
         self.misses = 0
         self.rebuilt = 0
+        self.compiled = 0  # modules this process compiled (not found here nor in the store)
         self.collected = 0  # artifacts deleted: unused for min_age_s, or evicted over max_bytes
 
     def load(
@@ -177,16 +181,55 @@ class ArtifactCache:
             if cached is not None:
                 return cached
             self.misses += 1
-            artifact = COMPILER.compile(binary, name=name, settings=self.code, limits=limits)
-            self._store_artifact(digest, artifact)
-            # Mapped from the stored file once verified, as every later load is (no copy; the
-            # pod's workers share its pages); from memory if it could not be stored.
-            module = self._load_artifact(digest) or wasmtime.Module.deserialize(
-                self.engine, artifact
-            )
+            module = self._from_shared(digest)
+            from_store = module is not None
+            if module is None:
+                module = self._compile(binary, digest, name=name, limits=limits)
             compile_s = time.perf_counter() - started
             self._in_memory[digest] = module
-            return CompiledModule(digest, len(binary), module, compile_s, False)
+            return CompiledModule(digest, len(binary), module, compile_s, from_store)
+
+    def _from_shared(self, digest: str) -> wasmtime.Module | None:
+        """The module from the store's verified artifact, kept in the local cache too; None if
+        there is none (or no store), or another pod claimed its compile and did not finish."""
+        if self.shared is None:
+            return None
+        artifact = self.shared.fetch(digest)
+        if artifact is None and not self.shared.claim(digest):
+            log.info("module %s: another pod is compiling it; waiting", digest[:16])
+            artifact = self.shared.await_other(digest)
+        if artifact is None:
+            return None
+        try:
+            return self._keep(digest, artifact)
+        except wasmtime.WasmtimeError as exc:  # sealed by us, yet refused: an engine mismatch
+            log.warning("shared artifact %s did not load (%s); compiling", digest[:16], exc)
+            return None
+
+    def _compile(
+        self, binary: bytes, digest: str, *, name: str, limits: CompileLimits
+    ) -> wasmtime.Module:
+        """Compile in a child process (compiler.py), keep the artifact here and publish it to
+        the store; the store's claim on it is released whatever happens."""
+        try:
+            artifact = COMPILER.compile(binary, name=name, settings=self.code, limits=limits)
+        except BaseException:
+            if self.shared is not None:
+                self.shared.release(digest)
+            raise
+        self.compiled += 1
+        if self.shared is not None:
+            self.shared.publish(digest, artifact)
+        return self._keep(digest, artifact)
+
+    def _keep(self, digest: str, artifact: bytes | memoryview) -> wasmtime.Module:
+        """Store a verified artifact locally and load it: mapped from the stored file, as every
+        later load is (no copy; the pod's workers share its pages), or from memory if it could
+        not be stored. Raises WasmtimeError if wasmtime refuses it."""
+        self._store_artifact(digest, artifact)
+        return self._load_artifact(digest) or wasmtime.Module.deserialize(
+            self.engine, bytes(artifact)
+        )
 
     def load_cached(self, digest: str, *, size: int) -> CompiledModule | None:
         """The verified artifact of the module whose SHA-256 is `digest`, or None.
@@ -243,7 +286,7 @@ class ArtifactCache:
             self.rebuilt += 1
             return None
 
-    def _store_artifact(self, digest: str, data: bytes) -> None:
+    def _store_artifact(self, digest: str, data: bytes | memoryview) -> None:
         if not self.usable:
             return
         artifact, record_path = self._paths(digest)

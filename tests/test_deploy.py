@@ -25,7 +25,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from supervisor import metrics
+from supervisor import artifacts, cli, metrics
 from supervisor.admission import Admission
 from supervisor.errors import Outcome
 from supervisor.gateway import HEALTH_PATH
@@ -444,3 +444,31 @@ def test_the_containerfile_copies_what_exists_and_runs_unprivileged():
     exposed = {int(port) for port in re.findall(r"^EXPOSE (.+)$", text, re.M)[0].split()}
     assert {8080, metrics.DEFAULT_METRICS_PORT} <= exposed
     assert f"SUPERVISOR_METRICS_LISTEN=0.0.0.0:{metrics.DEFAULT_METRICS_PORT}" in text
+
+
+def test_every_pod_mounts_the_store_secret_its_environment_names():
+    """The artifact key and NATS credentials come from deploy/store-secret.yaml, mounted
+    read-only; the placeholder key is refused by the server, so no pod runs with a key
+    published here."""
+    secret = the_document("Secret")
+    data = secret["stringData"]
+    assert set(data) == {"artifact-keys", "nats.creds"}
+    with pytest.raises(ValueError, match="at least 32"):
+        artifacts.ArtifactKeys.parse(data["artifact-keys"], source="store-secret.yaml")
+    for name, ksvc in knative_services():
+        spec = ksvc["spec"]["template"]["spec"]
+        container = container_of(ksvc)
+        env = env_of(container)
+        (volume,) = [v for v in spec["volumes"] if v.get("secret")]
+        assert volume["secret"]["secretName"] == secret["metadata"]["name"], name
+        (mount,) = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
+        assert mount["readOnly"] is True, name
+        folder = Path(mount["mountPath"])
+        key_file = Path(env["SUPERVISOR_ARTIFACT_KEY_FILE"])
+        assert key_file.parent == folder and key_file.name in data, name
+        credentials = Path(env["SUPERVISOR_STORE_CREDENTIALS"])
+        assert credentials.parent == folder and credentials.name in data, name
+        assert env["SUPERVISOR_STORE"].startswith(("nats://", "tls://")), name
+        assert env["SUPERVISOR_STORE_REPLICAS"] == "3", f"{name}: production buckets replicate"
+        args = cli.build_parser().parse_args(["serve", "--artifact-key-file", str(key_file)])
+        assert args.artifact_key_file == key_file

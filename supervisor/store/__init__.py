@@ -65,11 +65,11 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from . import policies
-from .errors import ConfigError
-from .files import fsync_directory, write_atomically
-from .outbound.rules import PatternError, parse_allow_list
-from .routing import RouteError, validate_pattern
+from .. import policies
+from ..errors import ConfigError
+from ..files import fsync_directory, write_atomically
+from ..outbound.rules import PatternError, parse_allow_list
+from ..routing import RouteError, validate_pattern
 
 __all__ = [
     "CHANGES_FILE",
