@@ -65,10 +65,10 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from . import policies
-from .errors import ConfigError
-from .files import fsync_directory, write_atomically
-from .routing import RouteError, validate_pattern
+from .. import policies
+from ..errors import ConfigError
+from ..files import fsync_directory, write_atomically
+from ..routing import RouteError, validate_pattern
 
 __all__ = [
     "CHANGES_FILE",

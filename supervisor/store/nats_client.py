@@ -1,0 +1,298 @@
+"""One NATS connection per process, on an asyncio loop in a thread of its own.
+
+nats-py is asyncio; the supervisor serves on trio, and its store calls come from worker
+threads. So the connection lives on a private asyncio loop in a daemon thread, and the rest of
+the process reaches it two ways, neither of which blocks the trio loop:
+
+- `call(make_coro, timeout=...)` from a worker thread (never from the trio thread): runs the
+  coroutine on the loop and waits for its result. While NATS is unreachable it raises
+  `StoreUnavailable` at once, so a caller answers 503 instead of hanging for a timeout.
+- `spawn(make_coro)` starts a long-lived task on the loop (a watch). Such a task hands its
+  events to trio with `trio.lowlevel.TrioToken.run_sync_soon`, which never blocks.
+
+The client reconnects forever (`max_reconnect_attempts=-1`; nats-py's default gives up after
+60 attempts), and the first connection is retried forever too (nats-py raises on a first
+connect that fails): a pod that starts while NATS is down becomes ready when NATS returns.
+Every (re)connection runs the `on_connect` listeners, so watches can be re-created and
+anything missed reconciled (a KV watch was seen to stall 16 s after a server restart).
+
+URLs: `nats://HOST:PORT[,HOST:PORT...]`, or `tls://...` for TLS with the system's CAs.
+Credentials: a NATS `.creds` file (a user JWT and its NKey seed), or a file holding a token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+import threading
+import urllib.parse
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ..errors import ConfigError, SupervisorError
+
+__all__ = ["NatsConnection", "NatsSettings", "StoreUnavailable", "parse_nats_url"]
+
+log = logging.getLogger("supervisor.store.nats")
+
+T = TypeVar("T")
+
+RECONNECT_WAIT_S = 0.5
+"""Between reconnect attempts: a restarted nats-server is back within a second, and a pod
+that waits longer serves stale manifests longer."""
+CONNECT_TIMEOUT_S = 2.0
+"""One connection attempt; a server that does not answer in 2 s is not there."""
+DEFAULT_CALL_TIMEOUT_S = 10.0
+"""A store call that takes longer has lost its server (the admin API then answers 503)."""
+STORE_RETRY_AFTER_S = 2
+"""Retry-After of a 503 answered because the store is unreachable: about a reconnect."""
+_CREDS_MARKER = "-----BEGIN NATS USER JWT-----"
+_SCHEMES = {"nats": "nats", "tls": "tls"}
+
+
+class StoreUnavailable(SupervisorError):
+    """The store cannot be reached now; retrying later may work (503 with Retry-After)."""
+
+    status = 503
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.retry_after = STORE_RETRY_AFTER_S
+
+
+@dataclass(frozen=True, slots=True)
+class NatsSettings:
+    """How to reach NATS: servers, TLS, credentials. Built by `parse_nats_url`."""
+
+    servers: tuple[str, ...]
+    tls: bool
+    credentials: Path | None = None
+
+
+def parse_nats_url(url: str, *, credentials: Path | None = None) -> NatsSettings:
+    """`nats://h:p[,h:p...]` or `tls://...` -> settings. Raises ConfigError naming the fault."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in _SCHEMES:
+        raise ConfigError("--store", None, f"{url!r}: expected nats://HOST:PORT or tls://...")
+    servers = []
+    for part in rest.split(","):
+        hostport = part.strip().rstrip("/")
+        parsed = urllib.parse.urlsplit(f"{scheme}://{hostport}")
+        try:
+            port = parsed.port
+        except ValueError:
+            port = None
+        if not parsed.hostname or port is None or parsed.path:
+            raise ConfigError("--store", None, f"{url!r}: {part!r} is not HOST:PORT")
+        servers.append(f"{scheme}://{hostport}")
+    if credentials is not None and not credentials.is_file():
+        raise ConfigError("--store-credentials", None, f"{credentials}: not a readable file")
+    return NatsSettings(tuple(servers), tls=scheme == "tls", credentials=credentials)
+
+
+class NatsConnection:
+    """A nats-py client and its JetStream context, owned by a private asyncio loop."""
+
+    def __init__(self, settings: NatsSettings, *, name: str = "wasm-supervisor") -> None:
+        self.settings = settings
+        self._name = name
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name="nats-loop", daemon=True)
+        self._client: Any = None  # nats.aio.client.Client once connected
+        self._jetstream: Any = None
+        self._connected = threading.Event()
+        self._closing = False
+        self._listeners: list[Callable[[], Awaitable[None]]] = []
+        self.last_error = "not connected yet"
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the loop and connect in the background (forever, until `close`)."""
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._connect_forever(), self._loop)
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._connected.wait(timeout)
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def close(self) -> None:
+        """Drain nothing, close the client, stop the loop (at exit: pending calls fail)."""
+        if not self._thread.is_alive():
+            return
+        self._closing = True
+        future = asyncio.run_coroutine_threadsafe(self._close(), self._loop)
+        with contextlib.suppress(Exception):
+            future.result(timeout=CONNECT_TIMEOUT_S)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=CONNECT_TIMEOUT_S)
+
+    def on_connect(self, listener: Callable[[], Awaitable[None]]) -> None:
+        """Run `listener()` on the loop after every (re)connection, and now if connected."""
+        self._listeners.append(listener)
+        if self.connected:
+            asyncio.run_coroutine_threadsafe(self._run_listener(listener), self._loop)
+
+    # -- calls -------------------------------------------------------------------------------
+
+    @property
+    def jetstream(self) -> Any:
+        """The JetStream context; only inside coroutines run by `call` or `spawn`."""
+        if self._jetstream is None:
+            raise StoreUnavailable(f"store unreachable: {self.last_error}")
+        return self._jetstream
+
+    def call(
+        self,
+        make_coro: Callable[[], Awaitable[T]],
+        *,
+        timeout: float = DEFAULT_CALL_TIMEOUT_S,
+        wait_connected: float = 0.0,
+    ) -> T:
+        """Run `make_coro()` on the loop and return its result. Worker threads only.
+
+        Raises StoreUnavailable when NATS is unreachable now (after waiting up to
+        `wait_connected` seconds for it) or the call times out or loses its connection.
+        """
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("NatsConnection.call from its own loop would deadlock")
+        if not self._connected.wait(wait_connected):
+            raise StoreUnavailable(f"store unreachable: {self.last_error}")
+        future: Future[T] = asyncio.run_coroutine_threadsafe(
+            asyncio.wait_for(self._awaitable(make_coro), timeout), self._loop
+        )
+        try:
+            return future.result(timeout + 1.0)
+        except StoreUnavailable:
+            raise
+        except TimeoutError as exc:
+            future.cancel()
+            raise StoreUnavailable(f"store call timed out after {timeout:g} s") from exc
+        except Exception as exc:
+            if _is_connection_error(exc):
+                raise StoreUnavailable(f"store unreachable: {exc!r}") from exc
+            raise
+
+    def spawn(self, make_coro: Callable[[], Awaitable[None]]) -> Future[None]:
+        """Run `make_coro()` as a task on the loop; errors are logged, not raised."""
+        return asyncio.run_coroutine_threadsafe(self._logged(make_coro), self._loop)
+
+    # -- inside the loop ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_forever()
+
+    @staticmethod
+    async def _awaitable(make_coro: Callable[[], Awaitable[T]]) -> T:
+        return await make_coro()
+
+    async def _logged(self, make_coro: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await make_coro()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("store task failed")
+
+    async def _connect_forever(self) -> None:
+        import nats  # imported here: the file store never pays for it
+
+        options = self._options()
+        attempt = 0
+        while not self._closing:
+            attempt += 1
+            try:
+                client = await nats.connect(**options)
+            except Exception as exc:
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                if attempt == 1 or attempt % 20 == 0:
+                    log.warning(
+                        "store: NATS at %s unreachable (%s); retrying every %.1f s",
+                        ",".join(self.settings.servers),
+                        self.last_error,
+                        RECONNECT_WAIT_S,
+                    )
+                await asyncio.sleep(RECONNECT_WAIT_S)
+                continue
+            self._client = client
+            self._jetstream = client.jetstream()
+            log.info("store: connected to NATS at %s", client.connected_url.netloc)
+            await self._connected_now()
+            return
+
+    def _options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {
+            "servers": list(self.settings.servers),
+            "name": self._name,
+            "allow_reconnect": True,
+            "max_reconnect_attempts": -1,
+            "reconnect_time_wait": RECONNECT_WAIT_S,
+            "connect_timeout": CONNECT_TIMEOUT_S,
+            "disconnected_cb": self._disconnected,
+            "reconnected_cb": self._reconnected,
+            "error_cb": self._error,
+        }
+        if self.settings.tls:
+            options["tls"] = ssl.create_default_context()
+        if self.settings.credentials is not None:
+            text = self.settings.credentials.read_text()
+            if _CREDS_MARKER in text:
+                options["user_credentials"] = str(self.settings.credentials)
+            else:
+                options["token"] = text.strip()
+        return options
+
+    async def _connected_now(self) -> None:
+        self._connected.set()
+        for listener in list(self._listeners):
+            await self._run_listener(listener)
+
+    async def _run_listener(self, listener: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await listener()
+        except Exception:
+            log.exception("store: a reconnect listener failed")
+
+    async def _disconnected(self) -> None:
+        if self._connected.is_set() and not self._closing:
+            log.warning("store: lost NATS; reconnecting")
+        self.last_error = "connection lost; reconnecting"
+        self._connected.clear()
+
+    async def _reconnected(self) -> None:
+        log.info("store: reconnected to NATS at %s", self._client.connected_url.netloc)
+        await self._connected_now()
+
+    async def _error(self, exc: Exception) -> None:
+        self.last_error = f"{type(exc).__name__}: {exc}"
+
+    async def _close(self) -> None:
+        if self._client is not None:
+            with contextlib.suppress(Exception):
+                await self._client.close()
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    """A failure that means "NATS is not reachable now", not "the request was wrong"."""
+    from nats import errors as nats_errors
+
+    kinds = (
+        nats_errors.ConnectionClosedError,
+        nats_errors.ConnectionDrainingError,
+        nats_errors.ConnectionReconnectingError,
+        nats_errors.NoServersError,
+        nats_errors.StaleConnectionError,
+        nats_errors.TimeoutError,
+        nats_errors.NoRespondersError,
+        ConnectionError,
+    )
+    return isinstance(exc, kinds)
