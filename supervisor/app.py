@@ -29,10 +29,14 @@ from .metrics import Metrics
 from .modules import DEFAULT_MAX_BYTES, DEFAULT_MIN_AGE_S, ArtifactCache
 from .pod_limits import PodCounters
 from .sandbox import Sandbox
+from .store.settings import StoreSettings
 from .tenants import WATCH_INTERVAL_S, TenantRegistry
 
 log = logging.getLogger("supervisor.app")
 
+STORE_WAIT_S = 5.0
+"""How long start-up waits for a NATS store's manifests before it serves without them (and
+says so in the log and `/healthz`); they load when the store answers."""
 DEFAULT_SLOTS = 16
 """Guests running at once: threads help CPU-bound and sleeping guests, not short ones (GIL)."""
 DEFAULT_GLOBAL_QUEUE = 256
@@ -79,6 +83,7 @@ class AppConfig:
     metrics_port: int | None = None  # None: no metrics listener (the CLI always opens one)
     metrics_tenants: frozenset[str] = frozenset()  # tenants with their own metric label
     insecure_registries: frozenset[str] = frozenset()  # host[:port]s pulled over plain HTTP
+    store: StoreSettings | None = None  # where uploads live; None: file:<tenants_dir>
 
 
 @dataclass
@@ -115,6 +120,8 @@ async def run(
             min_age_s=config.cache_min_age_s,
         )
         changes = store.open_change_counter(config.cache_dir)  # shared by the pod's workers
+        store_settings = config.store or StoreSettings(f"file:{config.tenants_dir}")
+        uploads = store_settings.open(config.cache_dir)
         registry = TenantRegistry(
             config.tenants_dir,
             config.policies_dir,
@@ -122,7 +129,13 @@ async def run(
             cache,
             changes,
             insecure_registries=config.insecure_registries,
+            uploads=uploads,
         )
+        if not store_settings.is_file:
+            # Ready once the manifests are read; a store that is down is said, not waited for.
+            synced = await trio.to_thread.run_sync(uploads.wait_synced, STORE_WAIT_S)
+            if not synced:
+                log.warning("%s; serving what is cached until it answers", registry.not_ready())
         started = time.perf_counter()
         state = await trio.to_thread.run_sync(registry.reload)
         log.info(
@@ -195,6 +208,7 @@ async def run(
             nursery.cancel_scope.cancel()
         # Every guest has ended by now (a caller waits for its guest), so this joins at once.
         guest_threads.close()
+        await trio.to_thread.run_sync(uploads.close)
         log.info("stopped")
 
 

@@ -22,6 +22,7 @@ import trio
 from . import __version__, admin, app, client, metrics, modules, policies, server, workers
 from .auth import operator_token_sha256
 from .errors import ConfigError
+from .store.settings import StoreSettings
 
 DEFAULT_PORT = 8080
 
@@ -120,6 +121,30 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         ("tenants", {"type": Path, "default": "tenants", "help": "tenant folders"}),
         ("policies", {"type": Path, "default": "policies", "help": "policy files"}),
+        (
+            "store",
+            {
+                "default": None,
+                "help": "where uploads live: file:PATH (default: file:TENANTS) or"
+                " nats://HOST:PORT[,HOST:PORT...] / tls://...",
+            },
+        ),
+        (
+            "store-credentials",
+            {"type": Path, "default": None, "help": "NATS .creds file, or a file with a token"},
+        ),
+        (
+            "store-replicas",
+            {
+                "type": _positive_int,
+                "default": "1",
+                "help": "replicas of the NATS buckets (3 in production)",
+            },
+        ),
+        (
+            "store-prefix",
+            {"default": "wasm-supervisor", "help": "NATS bucket names start with this"},
+        ),
         (
             "cache",
             {
@@ -318,6 +343,16 @@ def _app_config(args: argparse.Namespace) -> app.AppConfig | None:
     except (OSError, ValueError) as exc:
         print(f"error: admin token: {exc}", file=sys.stderr)
         return None
+    try:
+        store_settings = StoreSettings.parse(
+            args.store or f"file:{args.tenants}",
+            credentials=args.store_credentials,
+            replicas=args.store_replicas,
+            prefix=args.store_prefix,
+        )
+    except ConfigError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return None
     return app.AppConfig(
         host=host,
         port=port,
@@ -339,6 +374,7 @@ def _app_config(args: argparse.Namespace) -> app.AppConfig | None:
         admin_token_sha256=admin_token_sha256,
         compile_threads=args.compile_threads,
         insecure_registries=frozenset(args.insecure_registry),
+        store=store_settings,
     )
 
 
