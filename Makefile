@@ -15,6 +15,10 @@ PROMTOOL       := $(PROMETHEUS_DIR)/usr/bin/promtool
 # same way: the oci: tests push to and pull from a real registry on 127.0.0.1.
 REGISTRY_DIR    := .cache/docker-registry
 DOCKER_REGISTRY := $(REGISTRY_DIR)/usr/bin/docker-registry
+# nats-server (2.9.10) from Debian's `nats-server` package, unpacked the same way: the
+# `--store nats://` tests run a real JetStream server on 127.0.0.1 (tests/nats_server.py).
+NATS_DIR    := .cache/nats
+NATS_SERVER := $(NATS_DIR)/usr/sbin/nats-server
 
 .PHONY: run test lint format bench bench-prometheus bench-attacks soak clean
 
@@ -39,6 +43,13 @@ $(DOCKER_REGISTRY):
 	dpkg-deb -x $(REGISTRY_DIR)/docker-registry_*.deb $(REGISTRY_DIR)
 	rm -f $(REGISTRY_DIR)/docker-registry_*.deb
 
+$(NATS_SERVER):
+	mkdir -p $(NATS_DIR)
+	cd $(NATS_DIR) && \
+		{ apt-get download nats-server || { apt-get update -qq && apt-get download nats-server; }; }
+	dpkg-deb -x $(NATS_DIR)/nats-server_*.deb $(NATS_DIR)
+	rm -f $(NATS_DIR)/nats-server_*.deb
+
 run: $(VENV)/.installed
 	PORT=$(PORT) $(VENV)/bin/wasm-supervisor serve --listen 127.0.0.1:$(PORT) \
 		--tenants tenants --policies policies --metrics-listen 127.0.0.1:$(METRICS_PORT)
@@ -51,7 +62,7 @@ format: $(VENV)/.installed
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-test: lint $(PROMTOOL) $(DOCKER_REGISTRY)
+test: lint $(PROMTOOL) $(DOCKER_REGISTRY) $(NATS_SERVER)
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.installed
