@@ -30,10 +30,13 @@ from .modules import DEFAULT_MAX_BYTES, DEFAULT_MIN_AGE_S, ArtifactCache
 from .pod_limits import PodCounters
 from .sandbox import Sandbox
 from .store.settings import StoreSettings
+from .store.uploads import UploadStore
 from .tenants import WATCH_INTERVAL_S, TenantRegistry
 
 log = logging.getLogger("supervisor.app")
 
+UPLOADS_GC_INTERVAL_S = 3600.0
+"""How often a pod sweeps the shared store of module bytes (each sweep reads every manifest)."""
 STORE_WAIT_S = 5.0
 """How long start-up waits for a NATS store's manifests before it serves without them (and
 says so in the log and `/healthz`); they load when the store answers."""
@@ -180,6 +183,8 @@ async def run(
                 nursery.start_soon(_handle_signals, registry, shutdown)
             nursery.start_soon(registry.watch, config.watch_interval_s)
             nursery.start_soon(_collect_artifacts, cache)
+            if not store_settings.is_file:  # a file store collects under each update's lock
+                nursery.start_soon(_collect_uploads, uploads)
             if pod is not None:
                 nursery.start_soon(admission.poll_pod)
             if metrics_listeners is not None:
@@ -259,6 +264,22 @@ async def _collect_artifacts(cache: ArtifactCache) -> None:
             await trio.to_thread.run_sync(cache.collect)
         except Exception:
             log.exception("artifact cache collection failed")
+
+
+async def _collect_uploads(uploads: UploadStore) -> None:
+    """Sweep module bytes no manifest names from the shared store, forever (cancel to stop).
+
+    Every pod sweeps; deleting an object twice is harmless, and the minimum age keeps a sweep
+    from racing an upload."""
+    while True:
+        await trio.sleep(UPLOADS_GC_INTERVAL_S)
+        try:
+            removed = await trio.to_thread.run_sync(uploads.collect_garbage)
+        except Exception:
+            log.exception("store garbage collection failed")
+        else:
+            if removed:
+                log.info("store: removed %d module objects no manifest names", len(removed))
 
 
 async def _handle_signals(registry: TenantRegistry, shutdown: trio.Event) -> None:

@@ -279,6 +279,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--policies", type=Path, default=Path(_env_default("policies", "policies") or "policies")
     )
     client.add_commands(commands)
+
+    store_command = commands.add_parser("store", help="store tools")
+    store_commands = store_command.add_subparsers(dest="store_command", required=True)
+    copy = store_commands.add_parser(
+        "copy", help="copy every tenant's uploads (manifests, module bytes) to another store"
+    )
+    copy.add_argument("source", metavar="SRC", help="file:PATH, nats://... or tls://...")
+    copy.add_argument("target", metavar="DST", help="file:PATH, nats://... or tls://...")
+    for flag, spec in options:
+        if flag.startswith("store-"):
+            spec = dict(spec)
+            spec["default"] = _env_default(flag, spec["default"])
+            copy.add_argument(f"--{flag}", **spec)
     return parser
 
 
@@ -291,6 +304,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _worker(args)
     if args.command in client.COMMANDS:
         return client.run_command(args)
+    if args.command == "store":
+        return _store_copy(args)
     return _policy_check(args.policies)
 
 
@@ -376,6 +391,32 @@ def _app_config(args: argparse.Namespace) -> app.AppConfig | None:
         insecure_registries=frozenset(args.insecure_registry),
         store=store_settings,
     )
+
+
+def _store_copy(args: argparse.Namespace) -> int:
+    """`store copy SRC DST`: 0 when every tenant was copied."""
+    from .store.copy import copy_urls
+
+    configure_logging("text", "info")
+    try:
+        source, target = (
+            StoreSettings.parse(
+                url,
+                credentials=args.store_credentials,
+                replicas=args.store_replicas,
+                prefix=args.store_prefix,
+            )
+            for url in (args.source, args.target)
+        )
+        report = copy_urls(source, target)
+    except ConfigError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        print(f"error: copying the store: {exc!r}", file=sys.stderr)
+        return 1
+    print(f"copied {report.tenants} tenants, {report.modules} module files")
+    return 0
 
 
 def _policy_check(directory: Path) -> int:

@@ -7,18 +7,26 @@ nats-server is Debian's, started and stopped by the tests (tests/nats_server.py)
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import trio
-from nats_server import run_nats
+from conftest import REPO
+from nats_server import free_port, run_nats
 from test_admin import OPERATOR, admin_tenant, greeter, module_url, start_admin, upload
 from test_admin_multipod import served_within
 
+from supervisor.store import ModuleRecord, ModuleVersion
+from supervisor.store.file_store import FileStore
 from supervisor.store.settings import StoreSettings
 
 UPLOADS_AT_ONCE_PER_POD = 6
 """Below the admin API's 8 uploads in progress, so no upload is refused as busy."""
 NATS_DOWN_S = 1.0
 """How long traffic runs while nats-server is stopped."""
+COPY_TIMEOUT_S = 60.0
+"""`store copy` of two small tenants takes about a second (most of it imports)."""
 RETURN_S = 20.0
 """A restarted nats-server is reconnected to and resynced within this (0.5 s retries)."""
 
@@ -149,3 +157,50 @@ async def test_a_supervisor_started_while_nats_is_down_is_unready_until_it_retur
         while (await pod_b.client.get("/healthz")).status_code != 200:
             await trio.sleep(0.05)
     await served_within(pod_b.client, "/acme/m", "stored\n")
+
+
+def test_store_copy_moves_every_tenants_uploads_both_ways(tmp_path, nats):
+    """file: -> nats:// -> another file: gives back the same manifests (unknown keys
+    included) and the same verified module bytes."""
+    source = FileStore(tmp_path / "source")
+    binaries = {tenant: greeter(f"{tenant} module") for tenant in ("acme", "globex")}
+    for tenant, binary in binaries.items():
+        digest = source.put_module(tenant, binary)
+        record = ModuleRecord(
+            ModuleVersion(
+                sha256=digest,
+                size=len(binary),
+                route="/m",
+                entrypoint="_start",
+                argv=None,
+                volumes={},
+                uploaded_at="2026-01-01T00:00:00.000Z",
+                compile_s=0.1,
+                declared_routes=(),
+                unknown={"outbound": ["example.com"]},
+            )
+        )
+        source.update(tenant, lambda m, record=record: m.with_module("m", record))
+    assert store_copy(f"file:{tmp_path / 'source'}", nats.url).returncode == 0
+    assert store_copy(nats.url, f"file:{tmp_path / 'back'}").returncode == 0
+    back = FileStore(tmp_path / "back")
+    assert back.tenants() == ["acme", "globex"]
+    for tenant, binary in binaries.items():
+        assert back.read(tenant).manifest == source.read(tenant).manifest
+        digest = back.read(tenant).manifest.modules["m"].current.sha256
+        assert back.get_module(tenant, digest) == binary
+
+
+def test_store_copy_names_a_store_it_cannot_reach(tmp_path):
+    port = free_port()  # nothing listens there
+    result = store_copy(f"file:{tmp_path}", f"nats://127.0.0.1:{port}")
+    assert result.returncode == 1
+    assert f"127.0.0.1:{port}" in result.stderr and "unreachable" in result.stderr
+
+
+def store_copy(source: str, target: str) -> subprocess.CompletedProcess[str]:
+    """`wasm-supervisor store copy SOURCE TARGET`, as an operator runs it."""
+    command = [sys.executable, "-m", "supervisor.cli", "store", "copy", source, target]
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=COPY_TIMEOUT_S, cwd=REPO, check=False
+    )

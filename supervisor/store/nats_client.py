@@ -251,9 +251,10 @@ class NatsConnection:
         return options
 
     async def _connected_now(self) -> None:
-        self._connected.set()
+        """Listeners first (they open buckets), then callers may `call`."""
         for listener in list(self._listeners):
             await self._run_listener(listener)
+        self._connected.set()
 
     async def _run_listener(self, listener: Callable[[], Awaitable[None]]) -> None:
         try:

@@ -149,8 +149,11 @@ class NatsStore(UploadStore):
         self._install(tenant, revision, value)
 
     def put_module(self, tenant: str, binary: bytes) -> str:
+        """Store the bytes, or refresh an old copy: bytes no manifest named for a while may be
+        swept by a GC that marked before this upload names them, unless they are young."""
         digest = hashlib.sha256(binary).hexdigest()
-        if not self.has_module(tenant, digest):
+        age = self._object_age(digest)
+        if age is None or age > GC_MIN_AGE_S / 2:
 
             async def put() -> None:
                 from nats.js.api import ObjectMeta, ObjectMetaOptions
@@ -171,16 +174,23 @@ class NatsStore(UploadStore):
         return data
 
     def has_module(self, tenant: str, sha256: str) -> bool:
-        async def exists() -> bool:
+        return self._object_age(sha256) is not None
+
+    def _object_age(self, sha256: str) -> float | None:
+        """Seconds since the object was stored; None when there is none."""
+
+        async def age() -> float | None:
             from nats.js.errors import ObjectNotFoundError
 
             try:
                 info = await self._objects.get_info(sha256)
             except ObjectNotFoundError:
-                return False
-            return not info.deleted
+                return None
+            if info.deleted:
+                return None
+            return time.time() - _timestamp(info.mtime) if info.mtime else 0.0
 
-        return self.connection.call(exists)
+        return self.connection.call(age)
 
     def module_path(self, tenant: str, sha256: str, *, fetch: bool = True) -> Path:
         path = self._modules_dir / f"{sha256}.wasm"
@@ -284,6 +294,15 @@ class NatsStore(UploadStore):
         self._watch_task = asyncio.get_running_loop().create_task(self._watch())
 
     async def _watch(self) -> None:
+        """Follow the bucket until cancelled (a reconnect starts a new watch)."""
+        try:
+            await self._follow()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the connection closed or was lost: the reconnect restarts it
+            log.info("store: watch ended (%r); restarted on reconnect", exc)
+
+    async def _follow(self) -> None:
         watcher = await self._kv.watchall()
         replayed: set[str] | None = set()
         try:
