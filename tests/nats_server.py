@@ -46,8 +46,9 @@ def free_port() -> int:
 class NatsServer:
     """One nats-server process with JetStream; `url` stays the same across restarts."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, *, extra: tuple[str, ...] = ()) -> None:
         self.binary = nats_binary()
+        self.extra = extra  # more nats-server options (`--auth TOKEN`)
         self.folder = folder
         self.port = free_port()
         self.url = f"nats://127.0.0.1:{self.port}"
@@ -66,6 +67,7 @@ class NatsServer:
                 str(self.port),
                 "-sd",
                 str(self.folder / "jetstream"),
+                *self.extra,
             ],
             stdout=log_file,
             stderr=subprocess.STDOUT,
@@ -91,8 +93,8 @@ class NatsServer:
 
 
 @contextlib.contextmanager
-def run_nats(folder: Path) -> Iterator[NatsServer]:
-    server = NatsServer(folder)
+def run_nats(folder: Path, *, extra: tuple[str, ...] = ()) -> Iterator[NatsServer]:
+    server = NatsServer(folder, extra=extra)
     server.start()
     try:
         yield server

@@ -204,3 +204,21 @@ def store_copy(source: str, target: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         command, capture_output=True, text=True, timeout=COPY_TIMEOUT_S, cwd=REPO, check=False
     )
+
+
+def test_a_token_in_store_credentials_is_how_the_store_signs_in(tmp_path):
+    token = "store-token-for-the-tests"
+    token_file = tmp_path / "nats-token"
+    token_file.write_text(token + "\n")
+    with run_nats(tmp_path / "nats", extra=("--auth", token)) as server:
+        signed_in = StoreSettings.parse(server.url, credentials=token_file).open(tmp_path / "a")
+        refused = StoreSettings.parse(server.url).open(tmp_path / "b")
+        try:
+            assert signed_in.wait_synced(RETURN_S)
+            signed_in.put_module("acme", b"\0asm\1\0\0\0")
+            assert signed_in.tenants() == []
+            assert not refused.connection.wait_connected(1.0)
+            assert "authorization" in refused.connection.last_error.lower()
+        finally:
+            signed_in.close()
+            refused.close()
