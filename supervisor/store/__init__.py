@@ -1,5 +1,10 @@
 """What the admin API stores per tenant: content-addressed module files and a manifest.
 
+This module holds the manifest (its model, format and parsing) and the file layout's
+primitives. The package around it is the store of uploads (`--store`): `uploads.py` the one
+interface, `file_store.py` this folder layout behind it, `nats_store.py` NATS JetStream (on
+the connection of `nats_client.py`), `settings.py` the flags, `copy.py` `store copy`.
+
 `tenants/<t>/modules.toml` is the operator's hand-written file; the admin API never touches
 it. Uploads live beside it:
 
