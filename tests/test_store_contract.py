@@ -193,3 +193,25 @@ def test_another_stores_change_reaches_this_one(stores):
     assert read_manifest(reader.manifest_dir("acme")).modules["a"] == record
     local = reader.module_path("acme", record.current.sha256, fetch=False)
     assert local.read_bytes() == binary  # fetched before the manifest was installed
+
+
+async def test_a_file_store_apart_from_the_tenants_folder_holds_the_uploads(
+    workspace, start_supervisor
+):
+    """`--store file:PATH` elsewhere than `--tenants`: uploads land there, the operator's
+    folder is untouched, and a second server on the same store serves them."""
+    from test_admin import admin_tenant, greeter, start_admin, upload
+
+    admin_tenant(workspace, "acme")
+    settings = StoreSettings.parse(f"file:{workspace.root / 'uploads'}")
+    running = await start_admin(start_supervisor, store=settings)
+    response = await upload(running.client, "acme", "m", greeter("apart"), route="/m")
+    assert response.status_code == 201, response.text
+    assert (await running.client.get("/acme/m")).text == "apart\n"
+    manifest = read_manifest(workspace.root / "uploads" / "acme")
+    assert list(manifest.modules) == ["m"]
+    assert sorted(path.name for path in (workspace.tenants / "acme").iterdir()) == ["modules.toml"]
+    other = await start_admin(
+        start_supervisor, store=settings, cache_dir=workspace.root / "cache-other"
+    )
+    assert (await other.client.get("/acme/m")).text == "apart\n"
