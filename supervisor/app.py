@@ -185,6 +185,7 @@ async def run(
             nursery.start_soon(_collect_artifacts, cache)
             if not store_settings.is_file:  # a file store collects under each update's lock
                 nursery.start_soon(_collect_uploads, uploads)
+            nursery.start_soon(_close_when_cancelled, uploads)
             if pod is not None:
                 nursery.start_soon(admission.poll_pod)
             if metrics_listeners is not None:
@@ -213,7 +214,6 @@ async def run(
             nursery.cancel_scope.cancel()
         # Every guest has ended by now (a caller waits for its guest), so this joins at once.
         guest_threads.close()
-        await trio.to_thread.run_sync(uploads.close)
         log.info("stopped")
 
 
@@ -264,6 +264,16 @@ async def _collect_artifacts(cache: ArtifactCache) -> None:
             await trio.to_thread.run_sync(cache.collect)
         except Exception:
             log.exception("artifact cache collection failed")
+
+
+async def _close_when_cancelled(uploads: UploadStore) -> None:
+    """Close the store (its connection and local copies) when the app's nursery ends, however
+    it ends: a shutdown, an error, or a test's teardown."""
+    try:
+        await trio.sleep_forever()
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(uploads.close)
 
 
 async def _collect_uploads(uploads: UploadStore) -> None:
