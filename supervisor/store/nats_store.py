@@ -408,20 +408,21 @@ class NatsStore(UploadStore):
                 with contextlib.suppress(Exception):
                     await subscription.unsubscribe()
         data = b"".join(chunks)
-        if hashlib.sha256(data).hexdigest() != sha256 or not _digest_matches(info, data):
+        digest = hashlib.sha256(data).digest()  # once: 18 MB hash in ~10 ms
+        if digest.hex() != sha256 or not _digest_matches(info, digest):
             log.error("store: object %s does not hold its sha256; not used", sha256)
             return None
         return data
 
 
-def _digest_matches(info: Any, data: bytes) -> bool:
-    """The Object Store's own `SHA-256=<base64url>` digest, when the object has one."""
+def _digest_matches(info: Any, digest: bytes) -> bool:
+    """The Object Store's own `SHA-256=<base64url>` digest agrees, when the object has one."""
     if not info.digest:
         return True
     encoded = info.digest.split("=", 1)[-1]
     padded = encoded + "=" * (-len(encoded) % 4)
     try:
-        return base64.urlsafe_b64decode(padded) == hashlib.sha256(data).digest()
+        return base64.urlsafe_b64decode(padded) == digest
     except ValueError:
         return False
 
