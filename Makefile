@@ -15,8 +15,8 @@ PROMTOOL       := $(PROMETHEUS_DIR)/usr/bin/promtool
 # same way: the oci: tests push to and pull from a real registry on 127.0.0.1.
 REGISTRY_DIR    := .cache/docker-registry
 DOCKER_REGISTRY := $(REGISTRY_DIR)/usr/bin/docker-registry
-# nats-server (2.9.10, JetStream) from Debian's `nats-server` package, unpacked the same way:
-# the store's tests run a real server on 127.0.0.1 with a temporary store folder.
+# nats-server (2.9.10) from Debian's `nats-server` package, unpacked the same way: the
+# `--store nats://` tests run a real JetStream server on 127.0.0.1 (tests/nats_server.py).
 NATS_DIR    := .cache/nats
 NATS_SERVER := $(NATS_DIR)/usr/sbin/nats-server
 

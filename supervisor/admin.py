@@ -22,10 +22,13 @@ that run guests; then the module's `_routes`, once, whose result the manifest st
 that follows, and every restart after it, loads the module in milliseconds.
 
 Every change to a tenant's manifest is one transaction: a `trio.Lock` per tenant in this
-process, the tenant's `flock` across processes and pods (store.py), read the manifest, change
-it, build the tenant with it as a dry run (the registry's own loader: what passes loads),
-write it atomically, collect garbage, and reload the registry so the next request on this
-pod serves the change. Other pods see it on their next poll of the folder.
+process, then the store's compare-and-set (store/uploads.py: the `flock` of a file store, the
+KV revision of NATS): read the manifest, change it, build the tenant with it as a dry run (the
+registry's own loader: what passes loads), write it if nobody wrote since (else apply the
+change again to what they wrote), and reload the registry so the next request on this pod
+serves the change. Other pods see it through the store's watch (or their next poll of the
+folder). A store that cannot be reached answers 503 with Retry-After, and nothing was
+acknowledged.
 
 Errors are JSON `{"error": message, "status": code}`, the message naming the problem.
 """
@@ -43,7 +46,6 @@ import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import trio
@@ -286,14 +288,14 @@ class AdminApi:
             unknown={},  # keys of another revision describe the version they came with
         )
 
-        def change(tenant_dir: Path, manifest: store.Manifest) -> store.Manifest | None:
+        def change(manifest: store.Manifest) -> store.Manifest | None:
             current = manifest.modules.get(call.name)
             if current is not None and current.current.serves_like(version):
                 return None  # the same upload again: no new version, history kept
             if current is None and len(manifest.modules) >= policy.max_modules:
                 raise Conflict(_over_max_modules(call.tenant, policy.max_modules))
             before = current or manifest.deleted.get(call.name)
-            store.store_module(tenant_dir, binary)
+            self.registry.uploads.put_module(call.tenant, binary)
             previous = before.current if before is not None else None
             return manifest.with_module(call.name, store.ModuleRecord(version, previous))
 
@@ -307,7 +309,7 @@ class AdminApi:
         _check_name(call.name)
         keep = tenant.policy.max_modules
 
-        def change(tenant_dir: Path, manifest: store.Manifest) -> store.Manifest:
+        def change(manifest: store.Manifest) -> store.Manifest:
             if call.name not in manifest.modules:
                 raise NotFound(f"tenant {call.tenant!r} has no module {call.name!r}")
             return manifest.without_module(call.name, keep_deleted=keep)
@@ -320,7 +322,7 @@ class AdminApi:
         _check_name(call.name)
         max_modules = tenant.policy.max_modules
 
-        def change(tenant_dir: Path, manifest: store.Manifest) -> store.Manifest:
+        def change(manifest: store.Manifest) -> store.Manifest:
             record = manifest.modules.get(call.name)
             if record is not None:
                 if record.previous is None:
@@ -347,9 +349,9 @@ class AdminApi:
         return tenant
 
     async def _read_manifest(self, tenant: str) -> store.Manifest:
-        tenant_dir = self.registry.tenants_dir / tenant
         try:
-            return await trio.to_thread.run_sync(store.read_manifest, tenant_dir)
+            stored = await trio.to_thread.run_sync(self.registry.uploads.read, tenant)
+            return stored.manifest
         except ConfigError as exc:
             log.error("tenant %s: %s", tenant, exc.message)
             raise SupervisorError(
@@ -359,7 +361,7 @@ class AdminApi:
     async def _transaction(
         self,
         tenant: str,
-        change: Callable[[Path, store.Manifest], store.Manifest | None],
+        change: Callable[[store.Manifest], store.Manifest | None],
     ) -> tuple[store.Manifest, bool]:
         """Apply `change` to the tenant's manifest under both locks; then reload.
 
@@ -380,44 +382,41 @@ class AdminApi:
     def _apply(
         self,
         tenant: str,
-        change: Callable[[Path, store.Manifest], store.Manifest | None],
+        change: Callable[[store.Manifest], store.Manifest | None],
     ) -> tuple[store.Manifest, bool]:
-        """The locked read-modify-write (blocking: runs in a worker thread)."""
-        tenant_dir = self.registry.tenants_dir / tenant
-        with store.manifest_lock(tenant_dir):
+        """The store's compare-and-set around `change` and the dry run (blocking: runs in a
+        worker thread)."""
+
+        def checked(manifest: store.Manifest) -> store.Manifest | None:
+            new = change(manifest)
+            if new is None:
+                return None
             try:
-                manifest = store.read_manifest(tenant_dir)
+                self.registry.build_tenant(tenant, new)
+            except RouteConflict as exc:
+                raise Conflict(self._client_message(tenant, exc.message)) from exc
             except ConfigError as exc:
-                log.error("tenant %s: %s", tenant, exc.message)
-                raise SupervisorError("the tenant's manifest is unreadable") from exc
-            try:
-                new = change(tenant_dir, manifest)
-                if new is None:
-                    return manifest, False
-                try:
-                    self.registry.build_tenant(tenant, new)
-                except RouteConflict as exc:
-                    store.collect_garbage(tenant_dir, manifest)
-                    raise Conflict(self._client_message(tenant, exc.message)) from exc
-                except ConfigError as exc:
-                    store.collect_garbage(tenant_dir, manifest)
-                    raise ModuleRejected(self._client_message(tenant, exc.message)) from exc
-                store.write_manifest(tenant_dir, new)
-            except OSError as exc:
-                if exc.errno not in _DISK_FULL_ERRNOS:
-                    raise
-                log.error("tenant %s: admin write failed: %s", tenant, exc)
-                # A module file written before the manifest failed is named by no manifest.
-                store.collect_garbage(tenant_dir, manifest)
-                raise InsufficientStorage(
-                    "the server's disk is full: nothing was changed; retry once space is freed"
-                ) from exc
-            store.collect_garbage(tenant_dir, new)
-            return new, True
+                raise ModuleRejected(self._client_message(tenant, exc.message)) from exc
+            return new
+
+        try:
+            return self.registry.uploads.update(tenant, checked)
+        except ConfigError as exc:
+            log.error("tenant %s: %s", tenant, exc.message)
+            raise SupervisorError("the tenant's manifest is unreadable") from exc
+        except OSError as exc:
+            if exc.errno not in _DISK_FULL_ERRNOS:
+                raise
+            log.error("tenant %s: admin write failed: %s", tenant, exc)
+            raise InsufficientStorage(
+                "the server's disk is full: nothing was changed; retry once space is freed"
+            ) from exc
 
     def _client_message(self, tenant: str, message: str) -> str:
         """`message` without the server's own paths (a tenant sees its files by name only)."""
         folder = str(self.registry.tenants_dir / tenant)
+        uploads = str(self.registry.uploads.manifest_dir(tenant))
+        message = message.replace(uploads + "/", "").replace(uploads, "the tenant's folder")
         return message.replace(folder + "/", "").replace(folder, "the tenant's folder")
 
 

@@ -21,7 +21,7 @@ import trio
 from . import malloc, server, store
 from .admin import DEFAULT_COMPILE_THREADS, AdminApi
 from .admission import Admission
-from .artifacts import ArtifactKeys, FileArtifactBucket
+from .artifacts import ArtifactBucket, ArtifactKeys, FileArtifactBucket
 from .auth import Authenticator
 from .errors import ConfigError
 from .gateway import Gateway
@@ -31,10 +31,17 @@ from .modules import DEFAULT_MAX_BYTES, DEFAULT_MIN_AGE_S, ArtifactCache
 from .outbound import client as outbound_client
 from .pod_limits import PodCounters
 from .sandbox import Sandbox
+from .store.settings import StoreSettings
+from .store.uploads import UploadStore
 from .tenants import WATCH_INTERVAL_S, TenantRegistry
 
 log = logging.getLogger("supervisor.app")
 
+UPLOADS_GC_INTERVAL_S = 3600.0
+"""How often a pod sweeps the shared store of module bytes (each sweep reads every manifest)."""
+STORE_WAIT_S = 5.0
+"""How long start-up waits for a NATS store's manifests before it serves without them (and
+says so in the log and `/healthz`); they load when the store answers."""
 DEFAULT_SLOTS = 16
 """Guests running at once: threads help CPU-bound and sleeping guests, not short ones (GIL)."""
 DEFAULT_GLOBAL_QUEUE = 256
@@ -92,6 +99,8 @@ class AppConfig:
         name never starts with a dot)."""
         return self.artifacts_dir or self.tenants_dir / SHARED_ARTIFACTS_FOLDER
 
+    store: StoreSettings | None = None  # where uploads live; None: file:<tenants_dir>
+
 
 @dataclass
 class RunningApp:
@@ -119,6 +128,8 @@ async def run(
     """
     malloc.return_large_buffers_to_the_os()
     with Sandbox(max_instances=2 * config.slots + LOADING_INSTANCES) as sandbox:
+        store_settings = config.store or StoreSettings(f"file:{config.tenants_dir}")
+        uploads = store_settings.open(config.cache_dir)
         cache = ArtifactCache(
             config.cache_dir,
             sandbox.engine,
@@ -126,7 +137,7 @@ async def run(
             sandbox.code,
             max_bytes=config.cache_max_bytes,
             min_age_s=config.cache_min_age_s,
-            bucket=FileArtifactBucket(config.shared_artifacts_dir()),
+            bucket=_artifact_bucket(config, store_settings, uploads),
             keys=config.artifact_keys,
         )
         if cache.shared is None:
@@ -137,7 +148,7 @@ async def run(
         else:
             log.info(
                 "shared artifacts in %s (engine %s), sealed with key %s",
-                config.shared_artifacts_dir(),
+                store_settings.url,
                 cache.fingerprint,
                 config.artifact_keys.signing_id,
             )
@@ -149,7 +160,13 @@ async def run(
             cache,
             changes,
             insecure_registries=config.insecure_registries,
+            uploads=uploads,
         )
+        if not store_settings.is_file:
+            # Ready once the manifests are read; a store that is down is said, not waited for.
+            synced = await trio.to_thread.run_sync(uploads.wait_synced, STORE_WAIT_S)
+            if not synced:
+                log.warning("%s; serving what is cached until it answers", registry.not_ready())
         started = time.perf_counter()
         state = await trio.to_thread.run_sync(registry.reload)
         log.info(
@@ -196,6 +213,9 @@ async def run(
                 nursery.start_soon(_handle_signals, registry, shutdown)
             nursery.start_soon(registry.watch, config.watch_interval_s)
             nursery.start_soon(_collect_artifacts, cache, registry)
+            if not store_settings.is_file:  # a file store collects under each update's lock
+                nursery.start_soon(_collect_uploads, uploads)
+            nursery.start_soon(_close_when_cancelled, uploads)
             if pod is not None:
                 nursery.start_soon(admission.poll_pod)
             if metrics_listeners is not None:
@@ -298,6 +318,48 @@ def _named_modules(registry: TenantRegistry) -> set[str]:
     for path in registry.tenants_dir.glob(f"*/{store.MODULES_DIR}/*.wasm"):
         live.add(path.stem)
     return live
+
+
+def _artifact_bucket(
+    config: AppConfig, settings: StoreSettings, uploads: UploadStore
+) -> ArtifactBucket:
+    """Where the store keeps shared artifacts: a folder of the `file:` store's own, or buckets
+    beside the manifests of a NATS store, on its connection."""
+    if settings.is_file:
+        return FileArtifactBucket(config.shared_artifacts_dir())
+    from .store.nats_artifacts import NatsArtifactBucket  # nats-py only when the store is NATS
+    from .store.nats_store import NatsStore
+
+    assert isinstance(uploads, NatsStore)  # what a nats:// setting opens
+    return NatsArtifactBucket(
+        uploads.connection, prefix=settings.prefix, replicas=settings.replicas
+    )
+
+
+async def _close_when_cancelled(uploads: UploadStore) -> None:
+    """Close the store (its connection and local copies) when the app's nursery ends, however
+    it ends: a shutdown, an error, or a test's teardown."""
+    try:
+        await trio.sleep_forever()
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(uploads.close)
+
+
+async def _collect_uploads(uploads: UploadStore) -> None:
+    """Sweep module bytes no manifest names from the shared store, forever (cancel to stop).
+
+    Every pod sweeps; deleting an object twice is harmless, and the minimum age keeps a sweep
+    from racing an upload."""
+    while True:
+        await trio.sleep(UPLOADS_GC_INTERVAL_S)
+        try:
+            removed = await trio.to_thread.run_sync(uploads.collect_garbage)
+        except Exception:
+            log.exception("store garbage collection failed")
+        else:
+            if removed:
+                log.info("store: removed %d module objects no manifest names", len(removed))
 
 
 async def _handle_signals(registry: TenantRegistry, shutdown: trio.Event) -> None:

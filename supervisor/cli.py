@@ -33,6 +33,7 @@ from . import (
 )
 from .auth import operator_token_sha256
 from .errors import ConfigError
+from .store.settings import StoreSettings
 
 DEFAULT_PORT = 8080
 
@@ -131,6 +132,30 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         ("tenants", {"type": Path, "default": "tenants", "help": "tenant folders"}),
         ("policies", {"type": Path, "default": "policies", "help": "policy files"}),
+        (
+            "store",
+            {
+                "default": None,
+                "help": "where uploads live: file:PATH (default: file:TENANTS) or"
+                " nats://HOST:PORT[,HOST:PORT...] / tls://...",
+            },
+        ),
+        (
+            "store-credentials",
+            {"type": Path, "default": None, "help": "NATS .creds file, or a file with a token"},
+        ),
+        (
+            "store-replicas",
+            {
+                "type": _positive_int,
+                "default": "1",
+                "help": "replicas of the NATS buckets (3 in production)",
+            },
+        ),
+        (
+            "store-prefix",
+            {"default": "wasm-supervisor", "help": "NATS bucket names start with this"},
+        ),
         (
             "cache",
             {
@@ -283,6 +308,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--policies", type=Path, default=Path(_env_default("policies", "policies") or "policies")
     )
     client.add_commands(commands)
+
+    store_command = commands.add_parser("store", help="store tools")
+    store_commands = store_command.add_subparsers(dest="store_command", required=True)
+    copy = store_commands.add_parser(
+        "copy", help="copy every tenant's uploads (manifests, module bytes) to another store"
+    )
+    copy.add_argument("source", metavar="SRC", help="file:PATH, nats://... or tls://...")
+    copy.add_argument("target", metavar="DST", help="file:PATH, nats://... or tls://...")
+    for flag, spec in options:
+        if flag.startswith("store-"):
+            spec = dict(spec)
+            spec["default"] = _env_default(flag, spec["default"])
+            copy.add_argument(f"--{flag}", **spec)
     return parser
 
 
@@ -295,6 +333,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _worker(args)
     if args.command in client.COMMANDS:
         return client.run_command(args)
+    if args.command == "store":
+        return _store_copy(args)
     return _policy_check(args.policies)
 
 
@@ -352,6 +392,16 @@ def _app_config(args: argparse.Namespace) -> app.AppConfig | None:
     except (OSError, ValueError) as exc:
         print(f"error: artifact key: {exc}", file=sys.stderr)
         return None
+    try:
+        store_settings = StoreSettings.parse(
+            args.store or f"file:{args.tenants}",
+            credentials=args.store_credentials,
+            replicas=args.store_replicas,
+            prefix=args.store_prefix,
+        )
+    except ConfigError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return None
     return app.AppConfig(
         host=host,
         port=port,
@@ -375,7 +425,34 @@ def _app_config(args: argparse.Namespace) -> app.AppConfig | None:
         compile_threads=args.compile_threads,
         insecure_registries=frozenset(args.insecure_registry),
         artifact_keys=artifact_keys,
+        store=store_settings,
     )
+
+
+def _store_copy(args: argparse.Namespace) -> int:
+    """`store copy SRC DST`: 0 when every tenant was copied."""
+    from .store.copy import copy_urls
+
+    configure_logging("text", "info")
+    try:
+        source, target = (
+            StoreSettings.parse(
+                url,
+                credentials=args.store_credentials,
+                replicas=args.store_replicas,
+                prefix=args.store_prefix,
+            )
+            for url in (args.source, args.target)
+        )
+        report = copy_urls(source, target)
+    except ConfigError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        print(f"error: copying the store: {exc!r}", file=sys.stderr)
+        return 1
+    print(f"copied {report.tenants} tenants, {report.modules} module files")
+    return 0
 
 
 def _policy_check(directory: Path) -> int:

@@ -69,8 +69,9 @@ class Gateway:
 
     async def handle(self, request: Request, body: RequestBody) -> Response:
         if request.path == HEALTH_PATH:
-            # 503 while this worker serves an older state than the pod committed (WAGI.md).
-            diverged = self.registry.divergence
+            # 503 while this worker serves an older state than the pod committed (WAGI.md),
+            # or has not read the store yet.
+            diverged = self.registry.not_ready()
             if diverged is not None:
                 return Response(503, list(_TEXT), diverged.encode() + b"\n")
             return Response(200, list(_TEXT), b"OK\n")

@@ -1,11 +1,12 @@
 """The tenant registry: for each tenant, its policy, its routes and its prepared modules.
 
 A tenant is served when `policies/<name>.toml` validates; its routes come from
-`tenants/<name>/modules.toml` (WAGI format, the operator's), `tenants/<name>/manifest.json` (the
-named modules the admin API uploads, store.py) and the routes each module declares through
-`_routes` (declared_routes.py: learned once per sha256 and stored, so loading a tenant never
-runs guest code). A route claimed by two owners (modules.toml and a named module, or two named
-modules) is a `RouteConflict`; more routes than `max_routes` is a ConfigError naming it.
+`tenants/<name>/modules.toml` (WAGI format, the operator's), the tenant's manifest (the named
+modules the admin API uploads, in the store of uploads: store/uploads.py) and the routes each
+module declares through `_routes` (declared_routes.py: learned once per sha256 and stored, so
+loading a tenant never runs guest code). A route claimed by two owners (modules.toml and a
+named module, or two named modules) is a `RouteConflict`; more routes than `max_routes` is a
+ConfigError naming it.
 The registry's whole state is one immutable `RegistryState`, swapped in a single assignment,
 so a request reads a consistent view without locks.
 
@@ -25,6 +26,7 @@ Everything but `watch` blocks (file I/O, compiling): call it from a worker threa
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -62,6 +64,8 @@ from .routing import (
     validate_pattern,
 )
 from .sandbox import GuestLimits, PreparedModule, Sandbox, Volume
+from .store.file_store import FileStore
+from .store.uploads import UploadStore
 from .wasm_binary import disallowed_imports, inspect
 
 log = logging.getLogger("supervisor.tenants")
@@ -269,8 +273,11 @@ class TenantRegistry:
         cache: ArtifactCache,
         changes: store.ChangeCounter | None = None,
         insecure_registries: frozenset[str] = frozenset(),
+        uploads: UploadStore | None = None,
     ) -> None:
         self.tenants_dir = tenants_dir
+        self.uploads = uploads if uploads is not None else FileStore(tenants_dir)
+        """Manifests and module bytes (`--store`); `file:` the tenants folder by default."""
         self.policies_dir = policies_dir
         self.sandbox = sandbox
         self.cache = cache
@@ -291,6 +298,9 @@ class TenantRegistry:
         """Why this worker does not serve what the pod committed (one line, no paths), or
         None: `/healthz` answers 503 with it."""
         self._file_digests: dict[tuple, CompiledModule] = {}  # (path, stat) -> compiled
+        self._module_files: dict[str, tuple[str, ...]] = {}  # tenant -> files of its last build
+        self._trio_token: trio.lowlevel.TrioToken | None = None  # set by `watch`
+        self._store_event = trio.Event()
         self._lock = threading.Lock()
         self._policy_set: policies.PolicySet | None = None
         self._policy_key: tuple = ()
@@ -365,10 +375,30 @@ class TenantRegistry:
                 except Exception:
                     log.exception("catch-up reload failed; serving the last good state")
 
+    def store_changed(self) -> None:
+        """The store's watch saw a manifest change: reload now. From any thread; never blocks."""
+        token = self._trio_token
+        if token is not None:
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(self._store_event.set)
+
+    def not_ready(self) -> str | None:
+        """Why `/healthz` answers 503 (one line), or None: the store never read yet, or this
+        worker serves an older manifest than the pod committed."""
+        synced = getattr(self.uploads, "synced", True)
+        if not synced:
+            return f"store {self.uploads.url} not reached yet: waiting for it"
+        return self.divergence
+
     async def watch(self, interval_s: float = WATCH_INTERVAL_S) -> None:
-        """Poll for changed files forever (cancel to stop)."""
+        """Check for changed files every `interval_s`, and at once when the store's watch
+        says a manifest changed (cancel to stop)."""
+        self._trio_token = trio.lowlevel.current_trio_token()
+        self.uploads.on_change(self.store_changed)
         while True:
-            await trio.sleep(interval_s)
+            with trio.move_on_after(interval_s):
+                await self._store_event.wait()
+            self._store_event = trio.Event()
             try:
                 await trio.to_thread.run_sync(self.reload)
             except Exception:
@@ -411,7 +441,8 @@ class TenantRegistry:
             # Stat the tenant's files before reading them: a file replaced while it is read
             # (another pod's upload) then differs from these keys next time.
             tenant_dir = self.tenants_dir / name
-            files = (str(tenant_dir / MODULES_FILE), str(tenant_dir / store.MANIFEST_FILE))
+            manifest_file = self.uploads.manifest_dir(name) / store.MANIFEST_FILE
+            files = (str(tenant_dir / MODULES_FILE), str(manifest_file))
             before = _stat_keys(files)
             retry = self._retries.get(name)
             if not force and previous is not None and _waiting(retry, before):
@@ -421,11 +452,7 @@ class TenantRegistry:
                 continue
             try:
                 tenant = self._load_tenant(name, policy, on_request_path=on_request_path)
-                modules = tuple(
-                    str(tenant_dir / module)
-                    for module in tenant.modules
-                    if not oci.is_reference(module)
-                )
+                modules = self._module_files.pop(name, ())
                 tenants[name] = tenant
                 watched[name] = WatchedFiles(files + modules, before + _stat_keys(modules))
                 self._retries.pop(name, None)
@@ -521,24 +548,36 @@ class TenantRegistry:
         entries: list[tuple[str | None, str, ModuleSpec]] = [
             (None, f"{modules_file}: module[{index}]", spec) for index, spec in enumerate(specs)
         ]
+        manifest_dir = self.uploads.manifest_dir(name)
         if manifest is None:
-            manifest = store.read_manifest(tenant_dir)
-        manifest_file = tenant_dir / store.MANIFEST_FILE
+            manifest = store.read_manifest(manifest_dir)
+        manifest_file = manifest_dir / store.MANIFEST_FILE
         entries += [
             (module_name, f"{manifest_file}: modules.{module_name}", _manifest_spec(record))
             for module_name, record in sorted(manifest.modules.items())
         ]
         outbound_policy = parse_allow_list(policy.outbound_hosts)
         compiled: dict[str, CompiledModule] = {}
+        files: dict[str, str] = {}  # spec.module -> the local file loaded (watched)
         routes: list[Route[RouteTarget]] = []
         owners: dict[str, tuple[str | None, str]] = {}  # pattern -> (owner, source)
         for owner, source, spec in entries:
             module = compiled.get(spec.module)
             if module is None:
+                path = self._module_file(
+                    name, tenant_dir, spec.module, owner, on_request_path, source=source
+                )
                 module = self._compile(
-                    tenant_dir, spec.module, policy, source=source, on_request_path=on_request_path
+                    tenant_dir,
+                    spec.module,
+                    policy,
+                    source=source,
+                    on_request_path=on_request_path,
+                    path=path,
                 )
                 compiled[spec.module] = module
+                if path is not None:
+                    files[spec.module] = str(path)
             if owner is not None and spec.module != f"{store.MODULES_DIR}/{module.sha256}.wasm":
                 raise ConfigError(source, "sha256", f"{spec.module} does not hold that content")
             prepared = self._prepare(module, source=source)
@@ -595,6 +634,7 @@ class TenantRegistry:
                     " routes",
                 )
         _check_artifact_bytes(self.cache, compiled.values(), policy, source=f"tenant {name}")
+        self._module_files[name] = tuple(files.values())
         return Tenant(
             name=name,
             policy=policy,
@@ -614,14 +654,12 @@ class TenantRegistry:
         *,
         source: str,
         on_request_path: bool = False,
+        path: Path | None = None,
     ):
-        if oci.is_reference(relative):
+        if path is None:  # an `oci:` reference
             if on_request_path:  # a registry round trip: the poll's work
                 raise _Deferred(f"{relative} is not pulled yet")
             return self._compile_pulled(relative, policy, source=source)
-        path = (tenant_dir / relative).resolve()
-        if not path.is_relative_to(tenant_dir.resolve()):
-            raise ConfigError(source, "module", "must be a file inside the tenant's folder")
         stat_key = _stat_key(str(path))
         key = (str(path), stat_key)
         cached = self._file_digests.get(key)
@@ -655,6 +693,29 @@ class TenantRegistry:
             raise ConfigError(source, "module", exc.message) from exc
         self._file_digests[key] = compiled
         return compiled
+
+    def _module_file(
+        self,
+        name: str,
+        tenant_dir: Path,
+        relative: str,
+        owner: str | None,
+        on_request_path: bool,
+        *,
+        source: str,
+    ) -> Path | None:
+        """The local file a module is loaded from (None for an `oci:` reference): an upload's
+        from the store (fetched if remote, but never on a request's path), an operator's
+        module from the tenant's folder."""
+        if oci.is_reference(relative):
+            return None
+        digest = store.digest_of(relative)
+        if owner is not None and digest is not None:
+            return self.uploads.module_path(name, digest, fetch=not on_request_path)
+        path = (tenant_dir / relative).resolve()
+        if not path.is_relative_to(tenant_dir.resolve()):
+            raise ConfigError(source, "module", "must be a file inside the tenant's folder")
+        return path
 
     def _compile_pulled(self, reference: str, policy: Policy, *, source: str) -> CompiledModule:
         """An `oci:` module, pulled again on every load of its tenant (a tag is pinned to the

@@ -1,5 +1,10 @@
 """What the admin API stores per tenant: content-addressed module files and a manifest.
 
+This module holds the manifest (its model, format and parsing) and the file layout's
+primitives. The package around it is the store of uploads (`--store`): `uploads.py` the one
+interface, `file_store.py` this folder layout behind it, `nats_store.py` NATS JetStream (on
+the connection of `nats_client.py`), `settings.py` the flags, `copy.py` `store copy`.
+
 `tenants/<t>/modules.toml` is the operator's hand-written file; the admin API never touches
 it. Uploads live beside it:
 
@@ -88,6 +93,7 @@ __all__ = [
     "module_path",
     "open_change_counter",
     "read_manifest",
+    "read_manifest_bytes",
     "store_module",
     "utc_now",
     "write_manifest",
@@ -271,13 +277,19 @@ def module_path(tenant_dir: Path, sha256: str) -> Path:
 def read_manifest(tenant_dir: Path) -> Manifest:
     """The tenant's manifest, empty when there is none. Raises ConfigError naming the key."""
     path = tenant_dir / MANIFEST_FILE
-    source = str(path)
     try:
-        data = json.loads(path.read_bytes())
+        raw = path.read_bytes()
     except FileNotFoundError:
         return Manifest()
     except OSError as exc:
-        raise ConfigError(source, None, f"cannot read: {exc.strerror}") from exc
+        raise ConfigError(str(path), None, f"cannot read: {exc.strerror}") from exc
+    return read_manifest_bytes(raw, source=str(path))
+
+
+def read_manifest_bytes(raw: bytes, *, source: str) -> Manifest:
+    """A manifest from its JSON; `source` names it in errors. Raises ConfigError."""
+    try:
+        data = json.loads(raw)
     except ValueError as exc:
         raise ConfigError(source, None, f"invalid JSON: {exc}") from exc
     if not isinstance(data, dict) or data.get("format") not in READABLE_FORMATS:

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..errors import ConfigError, SupervisorError
+from ..errors import ConfigError, Rejected
 
 __all__ = ["NatsConnection", "NatsSettings", "StoreUnavailable", "parse_nats_url"]
 
@@ -55,14 +55,13 @@ _CREDS_MARKER = "-----BEGIN NATS USER JWT-----"
 _SCHEMES = {"nats": "nats", "tls": "tls"}
 
 
-class StoreUnavailable(SupervisorError):
+class StoreUnavailable(Rejected):
     """The store cannot be reached now; retrying later may work (503 with Retry-After)."""
 
-    status = 503
-
     def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.retry_after = STORE_RETRY_AFTER_S
+        super().__init__(
+            message, status=503, reason="store_unavailable", retry_after=STORE_RETRY_AFTER_S
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,9 +251,10 @@ class NatsConnection:
         return options
 
     async def _connected_now(self) -> None:
-        self._connected.set()
+        """Listeners first (they open buckets), then callers may `call`."""
         for listener in list(self._listeners):
             await self._run_listener(listener)
+        self._connected.set()
 
     async def _run_listener(self, listener: Callable[[], Awaitable[None]]) -> None:
         try:
@@ -276,9 +276,16 @@ class NatsConnection:
         self.last_error = f"{type(exc).__name__}: {exc}"
 
     async def _close(self) -> None:
+        """Close the client, then end every task of the loop (watches), so none is left
+        pending when the loop stops."""
         if self._client is not None:
             with contextlib.suppress(Exception):
                 await self._client.close()
+        current = asyncio.current_task()
+        tasks = [task for task in asyncio.all_tasks() if task is not current]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _is_connection_error(exc: BaseException) -> bool:
