@@ -179,7 +179,12 @@ async def run(
                         server.serve,
                         metrics.handle,
                         metrics_listeners,
-                        replace(server_config, max_connections=METRICS_MAX_CONNECTIONS),
+                        replace(
+                            server_config,
+                            max_connections=METRICS_MAX_CONNECTIONS,
+                            tls_cert=None,  # scraped in the cluster, plain HTTP
+                            tls_key=None,
+                        ),
                         shutdown=trio.Event(),
                     )
                 )
@@ -191,7 +196,8 @@ async def run(
                         server.serve, gateway.handle, listeners, server_config, shutdown=shutdown
                     )
                 )
-                log.info("serving on http://%s:%d", config.host, port)
+                scheme = "http" if server_config.tls_cert is None else "https"
+                log.info("serving on %s://%s:%d", scheme, config.host, port)
                 task_status.started(RunningApp(port, metrics_port, registry, admission, shutdown))
             # `serve` returned: shutdown was asked and in-flight requests are drained.
             nursery.cancel_scope.cancel()

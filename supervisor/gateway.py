@@ -172,6 +172,7 @@ class Gateway:
             server_port=request.server_port,
             client_addr=request.client_addr,
             body_length=len(stdin),
+            scheme=request.scheme,
         )
         env = wagi.build_env(
             cgi,
