@@ -80,6 +80,11 @@ class AppConfig:
     metrics_port: int | None = None  # None: no metrics listener (the CLI always opens one)
     metrics_tenants: frozenset[str] = frozenset()  # tenants with their own metric label
     insecure_registries: frozenset[str] = frozenset()  # host[:port]s pulled over plain HTTP
+    # `wagi` mode (wagi_cli.py): one tenant served at `/`, the Host given to requests without
+    # one, and the folder module and volume paths resolve against with no containment.
+    root_tenant: str | None = None
+    default_host: str = ""
+    operator_root: Path | None = None
 
 
 @dataclass
@@ -124,6 +129,7 @@ async def run(
             cache,
             changes,
             insecure_registries=config.insecure_registries,
+            operator_root=config.operator_root,
         )
         started = time.perf_counter()
         state = await trio.to_thread.run_sync(registry.reload)
@@ -143,6 +149,7 @@ async def run(
         guest_threads = GuestThreads(config.slots)
         metrics = Metrics(admission, registry, tenants=config.metrics_tenants)
         gateway = Gateway(registry, sandbox, admission, guest_threads, metrics)
+        gateway.root_tenant, gateway.default_host = config.root_tenant, config.default_host
         authenticator = Authenticator(
             config.admin_token_sha256,
             lambda: ((name, tenant.policy) for name, tenant in registry.state.tenants.items()),

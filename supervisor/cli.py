@@ -19,7 +19,7 @@ from pathlib import Path
 
 import trio
 
-from . import __version__, admin, app, client, metrics, modules, policies, server, workers
+from . import __version__, admin, app, client, metrics, modules, policies, server, wagi_cli, workers
 from .auth import operator_token_sha256
 from .errors import ConfigError
 
@@ -271,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--policies", type=Path, default=Path(_env_default("policies", "policies") or "policies")
     )
     client.add_commands(commands)
+    wagi_cli.add_command(commands)
     return parser
 
 
@@ -281,6 +282,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(args, argv[argv.index("serve") + 1 :])
     if args.command == "worker":
         return _worker(args)
+    if args.command == "wagi":
+        return wagi_cli.run(args)
     if args.command in client.COMMANDS:
         return client.run_command(args)
     return _policy_check(args.policies)

@@ -286,8 +286,12 @@ class TenantRegistry:
         cache: ArtifactCache,
         changes: store.ChangeCounter | None = None,
         insecure_registries: frozenset[str] = frozenset(),
+        operator_root: Path | None = None,
     ) -> None:
         self.tenants_dir = tenants_dir
+        # `wagi` mode: modules.toml paths are the operator's own files, resolved against this
+        # folder (WAGI's working directory) and not confined to the tenant's folder.
+        self.operator_root = operator_root
         self.policies_dir = policies_dir
         self.sandbox = sandbox
         self.cache = cache
@@ -560,7 +564,9 @@ class TenantRegistry:
                 raise ConfigError(source, "sha256", f"{spec.module} does not hold that content")
             prepared = self._prepare(module, source=source)
             _check_entrypoint(prepared, spec.entrypoint, source=source)
-            volumes = policy_volumes + _resolve_volumes(tenant_dir, spec.volumes, source=source)
+            volumes = policy_volumes + _resolve_volumes(
+                self.operator_root or tenant_dir, spec.volumes, source=source
+            )
             grant = None
             if spec.allowed_hosts is not None:
                 grant = outbound_abi.Grant(
@@ -636,8 +642,9 @@ class TenantRegistry:
             if on_request_path:  # a registry round trip: the poll's work
                 raise _Deferred(f"{relative} is not pulled yet")
             return self._compile_pulled(relative, policy, source=source)
-        path = (tenant_dir / relative).resolve()
-        if not path.is_relative_to(tenant_dir.resolve()):
+        base = self.operator_root or tenant_dir
+        path = (base / relative).resolve()
+        if self.operator_root is None and not path.is_relative_to(tenant_dir.resolve()):
             raise ConfigError(source, "module", "must be a file inside the tenant's folder")
         stat_key = _stat_key(str(path))
         key = (str(path), stat_key)

@@ -9,6 +9,7 @@ silently drop a setting (`entrypiont`), so that one is an error naming the key m
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Iterable
 
@@ -17,7 +18,7 @@ log = logging.getLogger("supervisor.tenants")
 TYPO_DISTANCE = 2
 """Edits (insert, delete, substitute) within which an unknown key counts as a typo."""
 
-_warned: set[tuple[str, str]] = set()  # (file, key) already warned about: once per process
+_warned: set[tuple[str, str]] = set()  # (real path, key) already warned about, per process
 _warned_lock = threading.Lock()  # tenants load in threads
 
 
@@ -41,9 +42,11 @@ def closest_key(key: str, known: Iterable[str]) -> str | None:
 
 
 def warn_once(source: str, key: str, reason: str) -> None:
-    """Log `reason` for `key` of file `source` the first time only, not on every reload."""
+    """Log `reason` for `key` of file `source` the first time only, not on every reload (nor
+    again when the file is read through a link, as `wagi` mode reads it)."""
+    seen = (os.path.realpath(source), key)
     with _warned_lock:
-        if (source, key) in _warned:
+        if seen in _warned:
             return
-        _warned.add((source, key))
+        _warned.add(seen)
     log.warning("%s: %s: %s", source, key, reason, extra={"file": source, "key": key})
