@@ -31,6 +31,7 @@ from .tenants import MODULES_FILE, parse_modules_toml
 TENANT = "wagi"
 DEFAULT_LISTEN = "127.0.0.1:3000"  # WAGI's
 DEFAULT_HOSTNAME = "localhost:3000"  # WAGI's, for a request without a Host header
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"  # serve's text format
 
 WAGI_POLICY: Mapping[str, object] = {
     # WAGI had no limits; these let WAGI apps run as before while a runaway guest still ends.
@@ -86,7 +87,7 @@ def add_command(commands: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Serve until stopped; 2 with a message for a flag or file that cannot be served."""
-    logging.basicConfig(level=args.log_level.upper(), force=True)
+    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT, force=True)
     private = Path(tempfile.mkdtemp(prefix="wasm-supervisor-wagi-"))
     try:
         config = _app_config(args, private)
@@ -192,5 +193,5 @@ def _log_to(folder: Path) -> None:
     DIR/wagi.log (WAGI wrote one `module.stderr` per module there)."""
     folder.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(folder / "wagi.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
     logging.getLogger().addHandler(handler)
