@@ -100,6 +100,11 @@ class AppConfig:
         return self.artifacts_dir or self.tenants_dir / SHARED_ARTIFACTS_FOLDER
 
     store: StoreSettings | None = None  # where uploads live; None: file:<tenants_dir>
+    # `wagi` mode (wagi_cli.py): one tenant served at `/`, the Host given to requests without
+    # one, and the folder module and volume paths resolve against with no containment.
+    root_tenant: str | None = None
+    default_host: str = ""
+    operator_root: Path | None = None
 
 
 @dataclass
@@ -161,6 +166,7 @@ async def run(
             changes,
             insecure_registries=config.insecure_registries,
             uploads=uploads,
+            operator_root=config.operator_root,
         )
         if not store_settings.is_file:
             # Ready once the manifests are read; a store that is down is said, not waited for.
@@ -187,6 +193,7 @@ async def run(
         guest_threads = GuestThreads(config.slots)
         metrics = Metrics(admission, registry, tenants=config.metrics_tenants)
         gateway = Gateway(registry, sandbox, admission, guest_threads, metrics)
+        gateway.root_tenant, gateway.default_host = config.root_tenant, config.default_host
         authenticator = Authenticator(
             config.admin_token_sha256,
             lambda: ((name, tenant.policy) for name, tenant in registry.state.tenants.items()),
@@ -226,7 +233,12 @@ async def run(
                         server.serve,
                         metrics.handle,
                         metrics_listeners,
-                        replace(server_config, max_connections=METRICS_MAX_CONNECTIONS),
+                        replace(
+                            server_config,
+                            max_connections=METRICS_MAX_CONNECTIONS,
+                            tls_cert=None,  # scraped in the cluster, plain HTTP
+                            tls_key=None,
+                        ),
                         shutdown=trio.Event(),
                     )
                 )
@@ -238,7 +250,8 @@ async def run(
                         server.serve, gateway.handle, listeners, server_config, shutdown=shutdown
                     )
                 )
-                log.info("serving on http://%s:%d", config.host, port)
+                scheme = "http" if server_config.tls_cert is None else "https"
+                log.info("serving on %s://%s:%d", scheme, config.host, port)
                 task_status.started(RunningApp(port, metrics_port, registry, admission, shutdown))
             # `serve` returned: shutdown was asked and in-flight requests are drained.
             nursery.cancel_scope.cancel()

@@ -29,6 +29,7 @@ from . import (
     modules,
     policies,
     server,
+    wagi_cli,
     workers,
 )
 from .auth import operator_token_sha256
@@ -292,6 +293,14 @@ def build_parser() -> argparse.ArgumentParser:
         spec["default"] = _env_default(flag, spec["default"])
         serve.add_argument(f"--{flag}", **spec)
         worker.add_argument(f"--{flag}", **spec)
+    for parser_ in (serve, worker):
+        for flag in ("tls-cert", "tls-key"):
+            parser_.add_argument(
+                f"--{flag}",
+                type=Path,
+                default=_env_default(flag, None),
+                help="PEM file; with both --tls-cert and --tls-key, serve HTTPS",
+            )
     insecure = client.insecure_registry_option()
     serve.add_argument("--insecure-registry", **insecure)
     worker.add_argument("--insecure-registry", **insecure)
@@ -321,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
             spec = dict(spec)
             spec["default"] = _env_default(flag, spec["default"])
             copy.add_argument(f"--{flag}", **spec)
+
+    wagi_cli.add_command(commands)
     return parser
 
 
@@ -331,6 +342,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(args, argv[argv.index("serve") + 1 :])
     if args.command == "worker":
         return _worker(args)
+    if args.command == "wagi":
+        return wagi_cli.run(args)
     if args.command in client.COMMANDS:
         return client.run_command(args)
     if args.command == "store":
@@ -382,6 +395,15 @@ def _app_config(args: argparse.Namespace) -> app.AppConfig | None:
     if args.cache.resolve().is_relative_to(args.tenants.resolve()):
         print("error: --cache must not be inside --tenants (tenants write there)", file=sys.stderr)
         return None
+    if (args.tls_cert is None) != (args.tls_key is None):
+        print("error: --tls-cert and --tls-key go together: give both or neither", file=sys.stderr)
+        return None
+    if args.tls_cert is not None:
+        try:
+            server.tls_context(args.tls_cert, args.tls_key)  # a bad file fails here, named
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return None
     try:
         admin_token_sha256 = operator_token_sha256(args.admin_token_file, os.environ)
     except (OSError, ValueError) as exc:
@@ -417,6 +439,8 @@ def _app_config(args: argparse.Namespace) -> app.AppConfig | None:
             max_connections=args.max_connections,
             max_idle_per_client=args.max_idle_per_client,
             max_connections_per_client=args.max_connections_per_client,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
         ),
         metrics_host=metrics_host,
         metrics_port=metrics_port,

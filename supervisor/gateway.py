@@ -66,6 +66,10 @@ class Gateway:
         self.metrics = metrics
         self.admin = admin  # answers every path under ADMIN_PREFIX
         self.usage: dict[str, TenantUsage] = {}  # by tenant, for the admin API
+        # `wagi` mode (WAGI has no tenant prefix): the tenant a request goes to when no policy
+        # names its Host, served at `/`; and the Host a request without one is given.
+        self.root_tenant: str | None = None
+        self.default_host = ""
 
     async def handle(self, request: Request, body: RequestBody) -> Response:
         if request.path == HEALTH_PATH:
@@ -143,7 +147,11 @@ class Gateway:
         tenant = state.tenant_for_host(host_name(request.host)) if request.host else None
         base_path = ""
         path = request.path
-        if tenant is None:
+        if tenant is None and self.root_tenant is not None:
+            tenant = state.tenants.get(self.root_tenant)
+            if tenant is None:
+                raise NotFound(f"tenant {self.root_tenant!r} is not loaded")
+        elif tenant is None:
             segment, slash, rest = path[1:].partition("/")
             tenant = state.tenants.get(segment)
             if tenant is None:
@@ -169,10 +177,11 @@ class Gateway:
             has_query=request.has_query,
             http_version=request.http_version,
             headers=request.headers,
-            host=request.host,
+            host=request.host or self.default_host,
             server_port=request.server_port,
             client_addr=request.client_addr,
             body_length=len(stdin),
+            scheme=request.scheme,
         )
         env = wagi.build_env(
             cgi,

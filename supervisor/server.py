@@ -64,9 +64,11 @@ import itertools
 import logging
 import os
 import re
+import ssl
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from http import HTTPStatus
+from pathlib import Path
 
 import h11
 import trio
@@ -83,6 +85,7 @@ __all__ = [
     "bound_port",
     "open_listeners",
     "serve",
+    "tls_context",
 ]
 
 log = logging.getLogger("supervisor.server")
@@ -170,11 +173,33 @@ class ServerConfig:
     # soon as it is accepted. Far above what a browser or a proxy's pool opens (Knative's
     # queue-proxy is one address for all traffic: keep this above its containerConcurrency).
     max_connections_per_client: int = 256
+    # HTTPS: a PEM certificate chain and its PEM private key (PKCS#8, PKCS#1 or SEC1, what
+    # Python's ssl loads); None: plain HTTP. Loaded once per `serve` (tls_context).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_connections", "max_idle_per_client", "max_connections_per_client"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("a TLS certificate and its key go together: give both or neither")
+
+
+def tls_context(cert: Path, key: Path) -> ssl.SSLContext:
+    """The server side of TLS from PEM files; ValueError naming the file at fault."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.set_alpn_protocols(["http/1.1"])  # h11 speaks HTTP/1.1 only
+    for path in (cert, key):
+        if not path.is_file():
+            raise ValueError(f"TLS: no such file: {path}")
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(
+            f"TLS: cannot load certificate {cert} with key {key} (PEM expected): {exc}"
+        ) from None
+    return context
 
 
 @dataclass(slots=True)
@@ -192,6 +217,7 @@ class Request:
     client_addr: str  # the client's IP address, without port
     server_port: int  # the local port the request came in on
     request_id: str  # 16 hex chars, also sent as `x-request-id`
+    scheme: str = "http"  # "https" on a TLS listener
 
 
 @dataclass(slots=True)
@@ -306,6 +332,10 @@ class _Server:
         self.slots = trio.Semaphore(config.max_connections)
         self.closing = False
         self.clients: dict[str, _Client] = {}  # by address, while it has a connection open
+        self.tls: ssl.SSLContext | None = None
+        if config.tls_cert is not None and config.tls_key is not None:
+            self.tls = tls_context(config.tls_cert, config.tls_key)
+        self.scheme = "http" if self.tls is None else "https"
         # Request ids: a random prefix per `serve` and a counter, unique without a syscall.
         self._id_prefix = os.urandom(4).hex()
         self._ids = itertools.count()
@@ -377,14 +407,19 @@ class _Server:
         return True
 
     async def serve_connection(
-        self, stream: trio.SocketStream, server_port: int, client_addr: str, client: _Client
+        self, stream: trio.abc.Stream, server_port: int, client_addr: str, client: _Client
     ) -> None:
-        """Serve one accepted connection, already counted in `client` (its address's)."""
+        """Serve one accepted connection, already counted in `client` (its address's).
+
+        Over TLS the handshake happens at the first read, under the head timeout.
+        """
+        if self.tls is not None:
+            stream = trio.SSLStream(stream, self.tls, server_side=True, https_compatible=True)
         try:
             conn = _Connection(self, stream, server_port, client_addr, client)
             with conn.scope:
                 await conn.run()
-        except trio.BrokenResourceError as exc:
+        except trio.BrokenResourceError as exc:  # over TLS, also a failed handshake
             log.debug("client went away: %s", exc.__cause__ or exc)
         except Exception:
             log.exception("connection failed")
@@ -454,7 +489,7 @@ class _Connection:
     def __init__(
         self,
         server: _Server,
-        stream: trio.SocketStream,
+        stream: trio.abc.Stream,
         server_port: int,
         client_addr: str,
         client: _Client,
@@ -651,6 +686,7 @@ class _Connection:
             client_addr=self.client_addr,
             server_port=self.server_port,
             request_id=self.server.new_request_id(),
+            scheme=self.server.scheme,
         )
         return request, RequestBody(self, content_length), keep_alive
 
@@ -729,9 +765,11 @@ class _Connection:
             return False
 
     async def _linger(self) -> None:
-        """Half-close, then drain what the client still sends, so our last response lands."""
+        """Half-close, then drain what the client still sends, so our last response lands.
+        (TLS has no half-close: there, only the drain.)"""
         try:
-            await self.stream.send_eof()
+            if isinstance(self.stream, trio.abc.HalfCloseableStream):
+                await self.stream.send_eof()
             with trio.move_on_after(LINGER_TIMEOUT_S):
                 drained = 0
                 while drained <= LINGER_BYTES:

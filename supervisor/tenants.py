@@ -40,7 +40,7 @@ from typing import TypeVar
 
 import trio
 
-from . import oci, policies, store
+from . import oci, policies, store, unknown_keys
 from .admission import TenantLimits
 from .compiler import CompileLimits
 from .declared_routes import (
@@ -196,10 +196,11 @@ EMPTY_STATE = RegistryState(MappingProxyType({}), MappingProxyType({}), (), Mapp
 
 
 def parse_modules_toml(data: Mapping, *, source: str) -> list[ModuleSpec]:
-    """Validate a parsed modules.toml strictly (unknown keys are errors, unlike WAGI)."""
-    unknown = set(data) - {"module"}
-    if unknown:
-        raise ConfigError(source, sorted(unknown)[0], "unknown key (expected [[module]] tables)")
+    """Validate a parsed modules.toml: every key WAGI reads; a likely typo of one is an error,
+    any other unknown key is warned about once and ignored, as WAGI ignores it."""
+    _check_unknown_keys(source, "", data, {"module"})
+    if "default_host" in data:
+        unknown_keys.warn_once(source, "default_host", "WAGI never reads it; ignored")
     entries = data.get("module", [])
     if not isinstance(entries, list):
         raise ConfigError(source, "module", "must be an array of tables ([[module]])")
@@ -208,13 +209,15 @@ def parse_modules_toml(data: Mapping, *, source: str) -> list[ModuleSpec]:
         where = f"module[{index}]"
         if not isinstance(entry, Mapping):
             raise ConfigError(source, where, "must be a table")
-        for key in entry:
-            if key not in _MODULE_KEYS:
-                raise ConfigError(
-                    source,
-                    f"{where}.{key}",
-                    f"unknown key (known: {', '.join(sorted(_MODULE_KEYS))})",
-                )
+        _check_unknown_keys(source, f"{where}.", entry, _MODULE_KEYS | {"bindle_server"})
+        if "bindle_server" in entry or str(entry.get("module", "")).startswith("bindle:"):
+            key = "bindle_server" if "bindle_server" in entry else "module"
+            raise ConfigError(
+                source,
+                f"{where}.{key}",
+                "Bindle is gone (deprecated by WAGI, its server unmaintained): give the module"
+                " as a file path or an oci: reference",
+            )
         for key in ("route", "module"):
             if not isinstance(entry.get(key), str) or not entry[key]:
                 raise ConfigError(source, f"{where}.{key}", "required, a non-empty string")
@@ -248,6 +251,20 @@ def parse_modules_toml(data: Mapping, *, source: str) -> list[ModuleSpec]:
     return specs
 
 
+def _check_unknown_keys(source: str, prefix: str, table: Mapping, known: set[str]) -> None:
+    """A key within unknown_keys.TYPO_DISTANCE of a known one is an error naming it; any
+    other unknown key is warned about once (`default_host` has its own warning)."""
+    for key in table:
+        if key in known or (not prefix and key == "default_host"):
+            continue
+        meant = unknown_keys.closest_key(key, known)
+        if meant is not None:
+            raise ConfigError(source, f"{prefix}{key}", f"unknown key (did you mean `{meant}`?)")
+        unknown_keys.warn_once(
+            source, f"{prefix}{key}", f"unknown key ignored (known: {', '.join(sorted(known))})"
+        )
+
+
 def _parse_allowed_hosts(source: str, where: str, value: object) -> tuple[str, ...] | None:
     """A module's `allowed_hosts`: patterns as the policy's `outbound_hosts` takes them."""
     if value is None:
@@ -274,10 +291,14 @@ class TenantRegistry:
         changes: store.ChangeCounter | None = None,
         insecure_registries: frozenset[str] = frozenset(),
         uploads: UploadStore | None = None,
+        operator_root: Path | None = None,
     ) -> None:
         self.tenants_dir = tenants_dir
         self.uploads = uploads if uploads is not None else FileStore(tenants_dir)
         """Manifests and module bytes (`--store`); `file:` the tenants folder by default."""
+        # `wagi` mode: modules.toml paths are the operator's own files, resolved against this
+        # folder (WAGI's working directory) and not confined to the tenant's folder.
+        self.operator_root = operator_root
         self.policies_dir = policies_dir
         self.sandbox = sandbox
         self.cache = cache
@@ -582,7 +603,9 @@ class TenantRegistry:
                 raise ConfigError(source, "sha256", f"{spec.module} does not hold that content")
             prepared = self._prepare(module, source=source)
             _check_entrypoint(prepared, spec.entrypoint, source=source)
-            volumes = policy_volumes + _resolve_volumes(tenant_dir, spec.volumes, source=source)
+            volumes = policy_volumes + _resolve_volumes(
+                self.operator_root or tenant_dir, spec.volumes, source=source
+            )
             grant = None
             if spec.allowed_hosts is not None:
                 grant = outbound_abi.Grant(
@@ -712,8 +735,8 @@ class TenantRegistry:
         digest = store.digest_of(relative)
         if owner is not None and digest is not None:
             return self.uploads.module_path(name, digest, fetch=not on_request_path)
-        path = (tenant_dir / relative).resolve()
-        if not path.is_relative_to(tenant_dir.resolve()):
+        path = ((self.operator_root or tenant_dir) / relative).resolve()
+        if self.operator_root is None and not path.is_relative_to(tenant_dir.resolve()):
             raise ConfigError(source, "module", "must be a file inside the tenant's folder")
         return path
 
