@@ -335,7 +335,10 @@ class _Parser:
     def __init__(self, data: memoryview) -> None:
         self.data = data
         self.types: list[tuple[int, int] | None] = []  # (params, results); None: not a func type
-        self.func_types: list[int] = []  # type index of each function, imports first
+        self.func_types: list[int] = []  # type index of each imported function
+        # Type index of each defined function: the function section's bytes as they are when
+        # every index is one byte (the usual case), else decoded; read only for exports.
+        self.defined_types: bytes | list[int] = b""
         self.defined_functions = 0
         self.code_bytes = 0
         self.imports: list[Import] = []
@@ -459,14 +462,15 @@ class _Parser:
         n = r.count("functions")
         self.defined_functions = n
         if n == r.end - r.pos:
-            # Every type index is one byte (fewer than 128 types, the usual case): take them in
-            # one slice instead of decoding a LEB128 per function of a big runtime.
-            indices = r.data[r.pos : r.end].tolist()
-            if max(indices, default=0) < 0x80:
-                self.func_types.extend(indices)
+            # Every type index is one byte (fewer than 128 types, the usual case): keep the
+            # bytes as they are. A list of 200,000 ints cost ~5 ms of the GIL per look at an
+            # upload, time the event loop waited for.
+            indices = bytes(r.data[r.pos : r.end])
+            if indices.isascii():  # every byte < 0x80: each is a whole LEB128
+                self.defined_types = indices
                 r.pos = r.end
                 return
-        self.func_types.extend(r.u32_vector(n))
+        self.defined_types = r.u32_vector(n)
 
     def memory_section(self, r: _Reader) -> None:
         for _ in range(r.count("memories")):
@@ -484,9 +488,12 @@ class _Parser:
             if kind != _FUNC:
                 self.exports.append(Export(name, _EXTERN_KINDS[kind]))
                 continue
-            if index >= len(self.func_types):
+            imported = len(self.func_types)
+            if index >= imported + len(self.defined_types):
                 r.fail(f"export {name!r} names function {index}, which does not exist", start)
-            type_index = self.func_types[index]
+            type_index = (
+                self.func_types[index] if index < imported else self.defined_types[index - imported]
+            )
             signature = self.types[type_index] if type_index < len(self.types) else None
             if signature is None:
                 r.fail(f"function {index} (export {name!r}) has no function type", start)
