@@ -127,6 +127,11 @@ async def test_every_worker_of_a_pod_serves_an_upload_from_the_next_request(work
                 assert (await client.get("/acme/m")).text == text + "\n"
 
 
+CLIENT_TIMEOUT_S = 60
+"""An upload compiles in a child at nice 19 before it answers: seconds for a big module on a
+busy 2-core machine (httpx's default of 5 s failed such an upload in a loaded run)."""
+
+
 @asynccontextmanager
 async def connection_per_worker(url: str, *, workers: int) -> AsyncIterator[list]:
     """One single-connection client per worker, found by opening connections at once until
@@ -142,7 +147,11 @@ async def connection_per_worker(url: str, *, workers: int) -> AsyncIterator[list
         with trio.fail_after(PROPAGATION_S * 5):
             while len(by_worker) < workers:
                 batch = [
-                    httpx.AsyncClient(base_url=url, limits=httpx.Limits(max_connections=1))
+                    httpx.AsyncClient(
+                        base_url=url,
+                        limits=httpx.Limits(max_connections=1),
+                        timeout=CLIENT_TIMEOUT_S,
+                    )
                     for _ in range(CONNECTIONS_PER_TRY)
                 ]
                 clients += batch
