@@ -19,7 +19,18 @@ from pathlib import Path
 
 import trio
 
-from . import __version__, admin, app, client, metrics, modules, policies, server, workers
+from . import (
+    __version__,
+    admin,
+    app,
+    client,
+    loaded_modules,
+    metrics,
+    modules,
+    policies,
+    server,
+    workers,
+)
 from .auth import operator_token_sha256
 from .errors import ConfigError
 
@@ -135,6 +146,15 @@ def build_parser() -> argparse.ArgumentParser:
                 "default": str(modules.DEFAULT_MAX_BYTES),
                 "help": "bound of the artifact cache on disk (e.g. 2GiB); unused artifacts are"
                 " evicted past it, least recently used first",
+            },
+        ),
+        (
+            "module-cache-bytes",
+            {
+                "type": _size,
+                "default": str(loaded_modules.DEFAULT_MAX_BYTES),
+                "help": "bound of the modules each worker keeps loaded in memory (e.g. 1GiB);"
+                " least recently used evicted past it, loaded again from the artifact cache",
             },
         ),
         (
@@ -325,6 +345,7 @@ def _app_config(args: argparse.Namespace) -> app.AppConfig | None:
         policies_dir=args.policies,
         cache_dir=args.cache,
         cache_max_bytes=args.cache_max_bytes,
+        module_cache_bytes=args.module_cache_bytes,
         cache_min_age_s=args.cache_min_age,
         slots=args.slots,
         global_queue=args.global_queue,

@@ -76,6 +76,8 @@ async def test_a_deleted_modules_artifact_is_collected_and_a_served_ones_stays(
     gone = (await upload(running.client, "acme", "gone", greeter("gone"), route="/gone")).json()
     kept = (await upload(running.client, "acme", "kept", greeter("kept"), route="/kept")).json()
     assert set(artifacts(workspace)) == {gone["sha256"], kept["sha256"]}
+    # Loaded on its first request: held while loaded, so never collected.
+    assert (await running.client.get("/acme/kept")).text == "kept\n"
 
     deleted = await running.client.delete(module_url("acme", "gone"), headers=OPERATOR)
     assert deleted.status_code == 200
@@ -202,7 +204,10 @@ async def test_the_servers_cache_folder_is_private_and_an_open_one_is_made_priva
         assert all(_mode(artifact) == 0o600 for artifact in engine_folder.iterdir())
         engine_folder.chmod(0o777)  # an operator's chmod, or a folder someone else made
     assert "was open to other users (mode 777); made private (0700)" in server.log()
-    assert "compiled 0, cache hits 1" in server.log()  # and its artifacts are still used
+    # ... and its artifacts are still used: the second run loads, never compiles.
+    second_run = server.log()
+    assert "hello.wat loaded in" in second_run and "(from its artifact" in second_run
+    assert "(compiled" not in second_run
 
 
 def _mode(path: Path) -> int:
