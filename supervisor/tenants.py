@@ -269,9 +269,8 @@ class TenantRegistry:
         self.cache = cache
         self.loaded = loaded if loaded is not None else LoadedModules()
         """The modules loaded in this process; the gateway loads a route's module there."""
-        self.pulled_modules = oci.PulledModules(
-            cache.directory.parent / PULLED_MODULES_DIR, insecure_registries=insecure_registries
-        )
+        self._insecure_registries = insecure_registries
+        self._pulled_modules: oci.PulledModules | None = None
         self.changes = changes  # the pod's admin change counter (store.py), if any
         self._changes_seen = changes.value() if changes is not None else 0
         self._catching_up = trio.Lock()
@@ -291,6 +290,16 @@ class TenantRegistry:
         self._policy_set: policies.PolicySet | None = None
         self._policy_key: tuple = ()
         self._policy_retry = _Retry((), 0.0, 0.0)  # when a set with errors is parsed again
+
+    @property
+    def pulled_modules(self) -> oci.PulledModules:
+        """The `oci:` modules' disk cache, made (and its client imported) on first use."""
+        if self._pulled_modules is None:
+            self._pulled_modules = oci.PulledModules(
+                self.cache.directory.parent / PULLED_MODULES_DIR,
+                insecure_registries=self._insecure_registries,
+            )
+        return self._pulled_modules
 
     def build_tenant(self, name: str, manifest: store.Manifest) -> Tenant:
         """Build served tenant `name` as it would be with `manifest`, without serving it.
