@@ -286,6 +286,7 @@ class TenantRegistry:
         None: `/healthz` answers 503 with it."""
         self._inspected: dict[tuple, _Inspected] = {}  # (path, stat) -> modules.toml file
         self._by_content: dict[str, _Inspected] = {}  # SHA-256 of a file's bytes -> the same
+        self._resolved_dirs: dict[Path, Path] = {}  # tenant folder -> resolved, this reload
         self._lock = threading.Lock()
         self._policy_set: policies.PolicySet | None = None
         self._policy_key: tuple = ()
@@ -407,6 +408,7 @@ class TenantRegistry:
 
     def _reload(self, force: bool, on_request_path: bool, learn_routes: bool) -> RegistryState:
         old = self.state
+        self._resolved_dirs = {}  # each reload resolves again: a folder may become a link
         if self.changes is not None:  # before any file is read: a later change moves it again
             self._changes_seen = self.changes.value()
         policy_set = self._load_policies(force)
@@ -648,7 +650,7 @@ class TenantRegistry:
                 raise _Deferred(f"{relative} is not pulled yet")
             return self._pulled_ref(relative, policy, source=source)
         path = (tenant_dir / relative).resolve()
-        if not path.is_relative_to(tenant_dir.resolve()):
+        if not path.is_relative_to(self._resolved_dir(tenant_dir)):
             raise ConfigError(source, "module", "must be a file inside the tenant's folder")
         stat_key = _stat_key(str(path))
         digest = store.digest_of(relative)
@@ -694,6 +696,13 @@ class TenantRegistry:
         inspected = _Inspected(hashlib.sha256(binary).hexdigest(), len(binary), info)
         self._by_content[content] = inspected
         return inspected
+
+    def _resolved_dir(self, tenant_dir: Path) -> Path:
+        """`tenant_dir` resolved once per reload, not once per module (1,000 tenants: ~40 ms)."""
+        resolved = self._resolved_dirs.get(tenant_dir)
+        if resolved is None:
+            resolved = self._resolved_dirs[tenant_dir] = tenant_dir.resolve()
+        return resolved
 
     def _file_ref(
         self, path: Path, relative: str, digest: str, size: int, policy: Policy
@@ -1004,6 +1013,8 @@ def _check_entrypoint(exports: frozenset[str] | None, entrypoint: str, *, source
 def _resolve_volumes(
     tenant_dir: Path, volumes: Mapping[str, str], *, source: str
 ) -> tuple[Volume, ...]:
+    if not volumes:  # most modules: no `resolve` (a few stat calls) per module at start
+        return ()
     resolved = []
     root = tenant_dir.resolve()
     for guest_path, folder in volumes.items():
