@@ -17,7 +17,6 @@ Everything but the load itself runs on the event loop: no locks.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -33,6 +32,9 @@ log = logging.getLogger("supervisor.modules")
 DEFAULT_MAX_BYTES = 1024**3
 """`--module-cache-bytes`: 1 GiB of loaded modules per worker, ~55 CPython-for-WASI artifacts
 (18 MB each) or thousands of small handlers; a worker's other memory is ~60 MB."""
+LOADING_RETRY_AFTER_S = 1
+"""Retry-After of a request whose module was still loading at its deadline: the load goes on,
+and a small module's takes milliseconds, a large one's compile seconds."""
 FAILED_RETRY_AFTER_S = 1
 """Retry-After of a module that could not be loaded: the next request tries again."""
 
@@ -109,14 +111,15 @@ class LoadedModules:
         if not flight.done.is_set():
             raise ModuleLoading(
                 f"module {ref.name} is still loading; retry shortly",
-                retry_after=max(1, math.ceil(deadline - trio.current_time())),
+                retry_after=LOADING_RETRY_AFTER_S,
             )
-        if flight.error is not None:
+        prepared = self.get(ref.sha256)
+        if flight.error is not None or prepared is None:  # failed, or cancelled (shutdown)
             raise ModuleUnavailable(
                 f"module {ref.name} could not be loaded; see the server log",
                 retry_after=FAILED_RETRY_AFTER_S,
             )
-        return self.get(ref.sha256) or (await self.load(ref, deadline=deadline))
+        return prepared
 
     async def _run_load(self, ref: ModuleRef, flight: _Flight) -> None:
         started = time.perf_counter()
