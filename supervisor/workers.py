@@ -284,7 +284,7 @@ class Supervisor:
         self._parent_fd: int
         self._nursery: trio.Nursery  # watchers and the metrics server
         self._tasks: trio.Nursery  # starts, restarts and rolls: cancelled first on shutdown
-        self._start_failed = False  # a worker exited before it was ready: stop, exit 1
+        self._start_failed = False  # a worker exited before any was ready: stop, exit 1
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> int:
         """Serve until SIGTERM/SIGINT; 0 after a drain, 1 if the workers could not start.
@@ -373,17 +373,17 @@ class Supervisor:
         """Every worker at once, each accepting as soon as it is ready: a worker compiles
         nothing at start (modules load on their first request), so none waits for another.
         Returns once the first is ready, so the pod answers (and handles signals) from then;
-        False if one exited before it was ready. One that does later stops the pod: this
-        process sends itself SIGTERM, and `run` returns 1."""
+        False if one exited before any was ready (`run` then stops and returns 1). One that
+        exits before it is ready once the pod serves is restarted as a crash (`_watch`)."""
         first = trio.Event()
 
         async def start(index: int) -> None:
             worker = await self._spawn(index, current=True, accept=True)
-            if worker is None and not self._start_failed:
+            if worker is not None:
+                self._serving = True  # from the first ready worker on, a death is a crash
+            elif not first.is_set():
                 log.error("worker %d exited before it was ready: stopping", index)
                 self._start_failed = True
-                if first.is_set():  # the pod serves: drain it as an operator would
-                    os.kill(os.getpid(), signal.SIGTERM)
             first.set()
 
         for index in range(self._count):
