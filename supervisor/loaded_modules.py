@@ -11,12 +11,14 @@ the load runs in a thread started by a system task, so a request that gives up (
 does not cancel it for the others, and the next request finds the module loaded. A request
 waits at most until its deadline, then answers 503 with Retry-After (`ModuleLoading`).
 
-Everything but the load itself runs on the event loop: no locks.
+Everything but the load itself and `keep_only` (a reload's thread) runs on the event loop;
+one uncontended lock guards the LRU against `keep_only`.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -75,6 +77,7 @@ class LoadedModules:
         self.max_bytes = max_bytes
         self._loaded: OrderedDict[str, Loaded] = OrderedDict()  # sha256, oldest use first
         self._flights: dict[str, _Flight] = {}
+        self._lock = threading.Lock()
         self.bytes = 0
         self.loads = 0  # loads that finished (compiled or from an artifact)
         self.load_failures = 0
@@ -90,11 +93,19 @@ class LoadedModules:
 
     def get(self, sha256: str) -> PreparedModule | None:
         """The loaded module, now the most recently used; None if it is not loaded."""
-        loaded = self._loaded.get(sha256)
-        if loaded is None:
-            return None
-        self._loaded.move_to_end(sha256)
-        return loaded.prepared
+        with self._lock:
+            loaded = self._loaded.get(sha256)
+            if loaded is None:
+                return None
+            self._loaded.move_to_end(sha256)
+            return loaded.prepared
+
+    def keep_only(self, live: set[str]) -> None:
+        """Unload the modules no tenant serves any more (a reload dropped them): held, their
+        artifacts could never be collected. Any thread."""
+        with self._lock:
+            for sha256 in [sha for sha in self._loaded if sha not in live]:
+                self.bytes -= self._loaded.pop(sha256).size_bytes
 
     async def load(self, ref: ModuleRef, *, deadline: float) -> PreparedModule:
         """The module, loaded now if no other request is loading it; waits until `deadline`
@@ -152,13 +163,16 @@ class LoadedModules:
     def _insert(self, sha256: str, loaded: Loaded) -> None:
         """Add a module, then evict the least recently used ones over the bound (never the
         one just loaded: a module larger than the bound is still served, alone)."""
-        old = self._loaded.pop(sha256, None)
-        if old is not None:
-            self.bytes -= old.size_bytes
-        self._loaded[sha256] = loaded
-        self.bytes += loaded.size_bytes
-        while self.bytes > self.max_bytes and len(self._loaded) > 1:
-            evicted_sha, evicted = self._loaded.popitem(last=False)
-            self.bytes -= evicted.size_bytes
+        with self._lock:
+            old = self._loaded.pop(sha256, None)
+            if old is not None:
+                self.bytes -= old.size_bytes
+            self._loaded[sha256] = loaded
+            self.bytes += loaded.size_bytes
+            evicted = []
+            while self.bytes > self.max_bytes and len(self._loaded) > 1:
+                evicted.append(self._loaded.popitem(last=False))
+                self.bytes -= evicted[-1][1].size_bytes
+        for evicted_sha, module in evicted:
             self.evictions += 1
-            log.info("module %s evicted (%d bytes)", evicted_sha[:12], evicted.size_bytes)
+            log.info("module %s evicted (%d bytes)", evicted_sha[:12], module.size_bytes)

@@ -507,6 +507,7 @@ class TenantRegistry:
         live = {
             route.target.sha256 for tenant in tenants.values() for route in tenant.routes.routes
         }
+        self.loaded.keep_only(live)
         for sha in list(self._routes_output):
             if sha not in live:
                 self._routes_output.pop(sha, None)
