@@ -56,6 +56,7 @@ test: lint $(PROMTOOL) $(DOCKER_REGISTRY)
 
 bench: $(VENV)/.installed
 	$(PY) bench/run.py
+	$(PY) bench/pod_start.py
 
 bench-prometheus: $(VENV)/.installed $(PROMTOOL)
 	$(PY) bench/prometheus_scrape.py
