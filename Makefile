@@ -67,6 +67,7 @@ test: lint $(PROMTOOL) $(DOCKER_REGISTRY) $(NATS_SERVER)
 
 bench: $(VENV)/.installed
 	$(PY) bench/run.py
+	$(PY) bench/pod_start.py
 
 bench-prometheus: $(VENV)/.installed $(PROMTOOL)
 	$(PY) bench/prometheus_scrape.py

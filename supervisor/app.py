@@ -18,7 +18,7 @@ from pathlib import Path
 
 import trio
 
-from . import malloc, server, store
+from . import loaded_modules, malloc, server, store
 from .admin import DEFAULT_COMPILE_THREADS, AdminApi
 from .admission import Admission
 from .artifacts import ArtifactBucket, ArtifactKeys, FileArtifactBucket
@@ -26,6 +26,7 @@ from .auth import Authenticator
 from .errors import ConfigError
 from .gateway import Gateway
 from .guest_threads import GuestThreads
+from .loaded_modules import LoadedModules
 from .metrics import Metrics
 from .modules import DEFAULT_MAX_BYTES, DEFAULT_MIN_AGE_S, ArtifactCache
 from .outbound import client as outbound_client
@@ -80,6 +81,7 @@ class AppConfig:
     cache_dir: Path = field(default_factory=default_cache_dir)
     cache_max_bytes: int = DEFAULT_MAX_BYTES  # the artifact cache's bound on disk
     cache_min_age_s: float = DEFAULT_MIN_AGE_S  # never collected younger than this
+    module_cache_bytes: int = loaded_modules.DEFAULT_MAX_BYTES  # loaded modules, per worker
     slots: int = DEFAULT_SLOTS
     global_queue: int = DEFAULT_GLOBAL_QUEUE
     watch_interval_s: float = WATCH_INTERVAL_S
@@ -167,6 +169,7 @@ async def run(
             insecure_registries=config.insecure_registries,
             uploads=uploads,
             operator_root=config.operator_root,
+            loaded=LoadedModules(config.module_cache_bytes),
         )
         if not store_settings.is_file:
             # Ready once the manifests are read; a store that is down is said, not waited for.
@@ -174,17 +177,17 @@ async def run(
             if not synced:
                 log.warning("%s; serving what is cached until it answers", registry.not_ready())
         started = time.perf_counter()
-        state = await trio.to_thread.run_sync(registry.reload)
+        # No module is loaded: each loads on its route's first request (loaded_modules.py),
+        # and `_routes` never learned are learned by the first `watch` reload.
+        state = await trio.to_thread.run_sync(
+            functools.partial(registry.reload, learn_routes=False)
+        )
         log.info(
-            "loaded %d tenants (%d routes) in %.2fs; compiled %d, cache hits %d; %d errors;"
-            " %d from the store's artifacts",
+            "read %d tenants (%d routes) in %.2fs, no module loaded; %d errors",
             len(state.tenants),
             sum(len(tenant.routes) for tenant in state.tenants.values()),
             time.perf_counter() - started,
-            cache.compiled,
-            cache.hits,
             len(state.errors),
-            cache.shared.downloaded if cache.shared else 0,
         )
         server_config = replace(
             config.server, max_connections=_connection_limit(config.server, config.slots)

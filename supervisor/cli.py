@@ -25,6 +25,7 @@ from . import (
     app,
     artifacts,
     client,
+    loaded_modules,
     metrics,
     modules,
     policies,
@@ -172,6 +173,15 @@ def build_parser() -> argparse.ArgumentParser:
                 "default": str(modules.DEFAULT_MAX_BYTES),
                 "help": "bound of the artifact cache on disk (e.g. 2GiB); unused artifacts are"
                 " evicted past it, least recently used first",
+            },
+        ),
+        (
+            "module-cache-bytes",
+            {
+                "type": _size,
+                "default": str(loaded_modules.DEFAULT_MAX_BYTES),
+                "help": "bound of the modules each worker keeps loaded in memory (e.g. 1GiB);"
+                " least recently used evicted past it, loaded again from the artifact cache",
             },
         ),
         (
@@ -431,6 +441,7 @@ def _app_config(args: argparse.Namespace) -> app.AppConfig | None:
         policies_dir=args.policies,
         cache_dir=args.cache,
         cache_max_bytes=args.cache_max_bytes,
+        module_cache_bytes=args.module_cache_bytes,
         cache_min_age_s=args.cache_min_age,
         slots=args.slots,
         global_queue=args.global_queue,

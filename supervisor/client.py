@@ -23,11 +23,12 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, TextIO
-
-import httpx
+from typing import TYPE_CHECKING, Any, TextIO
 
 from . import oci
+
+if TYPE_CHECKING:  # imported where used: `serve` builds this parser, and never needs httpx
+    import httpx
 
 __all__ = [
     "AdminClient",
@@ -120,6 +121,8 @@ class AdminClient:
     """The admin API over httpx; every refusal raises AdminError with the server's message."""
 
     def __init__(self, server: str, token: str | None) -> None:
+        import httpx  # ~100 ms of imports `serve` does not need (cli.py builds one parser)
+
         headers = {"authorization": f"Bearer {token}"} if token else {}
         timeout = httpx.Timeout(RESPONSE_TIMEOUT_S, connect=CONNECT_TIMEOUT_S)
         self._http = httpx.Client(base_url=server.rstrip("/"), headers=headers, timeout=timeout)
@@ -281,6 +284,8 @@ def _registry_host(value: str) -> str:
 
 def run_command(args: argparse.Namespace) -> int:
     """Run `upload` or `modules ...`; 1 when the server refuses or can't be reached."""
+    import httpx
+
     try:
         with AdminClient(args.server, args.token) as client:
             _dispatch(client, args, sys.stdout)

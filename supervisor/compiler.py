@@ -46,7 +46,7 @@ import wasmtime
 
 from .errors import ModuleRejected
 from .policies import Policy
-from .wasm_binary import inspect
+from .wasm_binary import WasmInfo, inspect
 
 __all__ = [
     "COMPILER",
@@ -128,7 +128,11 @@ def check_compile_bounds(binary: bytes, limits: CompileLimits, *, name: str) -> 
 
     Compile time and memory grow with both; reading the sections' headers takes microseconds.
     """
-    info = inspect(binary)
+    check_compile_bounds_of(inspect(binary), limits, name=name)
+
+
+def check_compile_bounds_of(info: WasmInfo, limits: CompileLimits, *, name: str) -> None:
+    """`check_compile_bounds` for a module already inspected."""
     if info.functions > limits.max_functions:
         raise ModuleRejected(
             f"{name}: defines {info.functions} functions, more than the tenant's "

@@ -14,6 +14,8 @@ The hierarchy is translated into a response once, at the gateway boundary:
     │   ├── MethodNotAllowed        405 admin API: the path exists, the method does not
     │   └── Conflict                409 admin API: the change contradicts the stored state
     ├── Rejected                    admission said no (429 tenant / 503 pod), with Retry-After
+    ├── ModuleLoading               503 + Retry-After: the route's module did not load in time
+    ├── ModuleUnavailable           503 + Retry-After: the route's module could not be loaded
     ├── GuestError                  the guest misbehaved (5xx)
     │   ├── GuestTrap               500 trap, proc_exit(n != 0), missing entrypoint
     │   ├── GuestMemoryExhausted    500, classified as `memory`
@@ -45,6 +47,8 @@ class Outcome(enum.StrEnum):
     OUTPUT_LIMIT = "output_limit"
     BAD_OUTPUT = "bad_output"
     REJECTED = "rejected"
+    LOADING = "loading"
+    UNAVAILABLE = "unavailable"
     NOT_FOUND = "not_found"
     CLIENT_ERROR = "client_error"
     INTERNAL = "internal"
@@ -55,6 +59,7 @@ class SupervisorError(Exception):
 
     status: int = 500
     outcome: Outcome = Outcome.INTERNAL
+    retry_after: int | None = None  # seconds, sent as Retry-After when set
 
     def __init__(self, message: str, *, status: int | None = None) -> None:
         super().__init__(message)
@@ -126,6 +131,30 @@ class Rejected(SupervisorError):
     def __init__(self, message: str, *, status: int, reason: str, retry_after: int) -> None:
         super().__init__(message, status=status)
         self.reason = reason
+        self.retry_after = retry_after
+
+
+class ModuleLoading(SupervisorError):
+    """The route's module is loading (first request after start or eviction) and did not
+    finish within the request's deadline; the load goes on, so a retry finds it loaded."""
+
+    status = 503
+    outcome = Outcome.LOADING
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ModuleUnavailable(SupervisorError):
+    """The route's module could not be loaded (its file or artifact unreadable, its compile
+    refused): the reason is in the server log; the next request tries again."""
+
+    status = 503
+    outcome = Outcome.UNAVAILABLE
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message)
         self.retry_after = retry_after
 
 

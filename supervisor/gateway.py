@@ -14,10 +14,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import trio
+
 from . import wagi
 from .admin import ADMIN_PREFIX, TenantUsage
 from .admission import Admission
-from .errors import GuestBadOutput, NotFound, Outcome, Rejected, SupervisorError
+from .errors import GuestBadOutput, ModuleLoading, NotFound, Outcome, SupervisorError
 from .guest_threads import LONG_JOB_S, GuestThreads
 from .metrics import Metrics
 from .policies import Policy
@@ -44,6 +46,14 @@ class _Resolved:
     tenant: Tenant
     base_path: str  # "/<tenant>" when addressed by path, "" when by host
     match: RouteMatch[RouteTarget]
+
+
+class _RoutesPending(NotFound):
+    """No route matched in a tenant whose modules.toml `_routes` are not learned yet."""
+
+    def __init__(self, tenant: Tenant, path: str) -> None:
+        super().__init__(f"tenant {tenant.name!r} has no route for {path!r}")
+        self.tenant = tenant
 
 
 class Gateway:
@@ -95,7 +105,19 @@ class Gateway:
         try:
             if self.registry.behind():  # another worker of the pod committed an admin change
                 await self.registry.catch_up()
-            resolved = self._resolve(request)
+            try:
+                resolved = self._resolve(request)
+            except _RoutesPending as pending:  # the pod is just up: learn them, then look again
+                policy = pending.tenant.policy
+                deadline = (
+                    trio.current_time() + (policy.queue_timeout_ms + policy.timeout_ms) / 1000
+                )
+                if not await self.registry.learn_routes(pending.tenant.name, deadline=deadline):
+                    raise ModuleLoading(
+                        f"tenant {pending.tenant.name!r} is still learning its routes",
+                        retry_after=1,
+                    ) from None
+                resolved = self._resolve(request)
             tenant_name = resolved.tenant.name
             route = resolved.match.route.pattern
             run, response, outcome = await self._run(request, body, resolved)
@@ -160,6 +182,8 @@ class Gateway:
             path = slash + rest or "/"
         match = tenant.routes.match(path)
         if match is None:
+            if tenant.routes_pending:
+                raise _RoutesPending(tenant, path)
             raise NotFound(f"tenant {tenant.name!r} has no route for {path!r}")
         return _Resolved(tenant, base_path, match)
 
@@ -169,6 +193,12 @@ class Gateway:
         """Run the guest and turn its output into the response, both in a guest thread."""
         tenant, match = resolved.tenant, resolved.match
         target = match.route.target
+        prepared = self.registry.loaded.get(target.sha256)
+        if prepared is None:  # its first request here (or since it was evicted): load it
+            # The latest the policy lets the request answer: a slot's wait, then the guest's.
+            policy = tenant.policy
+            deadline = trio.current_time() + (policy.queue_timeout_ms + policy.timeout_ms) / 1000
+            prepared = await self.registry.loaded.load(target.module, deadline=deadline)
         stdin = await body.read(tenant.policy.max_request_bytes)
         cgi = wagi.CgiRequest(
             method=request.method,
@@ -194,7 +224,7 @@ class Gateway:
         argv = wagi.build_argv(cgi, target.argv_template)
         run_guest = functools.partial(
             self.sandbox.run,
-            target.prepared,
+            prepared,
             target.entrypoint,
             argv=argv,
             env=env,
@@ -204,7 +234,6 @@ class Gateway:
             outbound=target.outbound,
         )
         job = functools.partial(_run_and_respond, run_guest, tenant.policy)
-        prepared = target.prepared
         async with self.admission.admit(tenant.name, tenant.admission_limits):
             run, response, outcome = await self.guest_threads.run(job, long=prepared.last_run_long)
         prepared.last_run_long = run.slept or run.cpu_s >= LONG_JOB_S
@@ -247,7 +276,7 @@ def respond(run: GuestRun, policy: Policy) -> tuple[Response, Outcome]:
 def error_response(error: SupervisorError) -> Response:
     """The one response of an error: its status and its client-safe message."""
     headers = list(_TEXT)
-    if isinstance(error, Rejected):
+    if error.retry_after is not None:
         headers.append((b"retry-after", str(error.retry_after).encode()))
     return Response(error.status, headers, error.message.encode() + b"\n")
 

@@ -331,6 +331,13 @@ class _StateCollector:
         families["shared_published"].add_metric([], shared.published if shared else 0)
         families["shared_swept"].add_metric([], shared.swept if shared else 0)
         families["reload_errors"].add_metric([], self._registry.reload_errors)
+        loaded = self._registry.loaded
+        families["loads"].add_metric([], loaded.loads)
+        families["load_failures"].add_metric([], loaded.load_failures)
+        families["load_seconds"].add_metric([], loaded.load_seconds)
+        families["evictions"].add_metric([], loaded.evictions)
+        families["loaded"].add_metric([], len(loaded))
+        families["loaded_bytes"].add_metric([], loaded.bytes)
 
         state = self._registry.state
         families["tenants"].add_metric([], len(state.tenants))
@@ -338,9 +345,11 @@ class _StateCollector:
         modules = {(label, hit): 0 for label in labels.values() for hit in ("hit", "miss")}
         for name, tenant in state.tenants.items():
             label = labels(name)
-            for module in tenant.modules.values():
-                compile_s[label] += module.compile_s
-                modules[label, "hit" if module.cache_hit else "miss"] += 1
+            for ref in tenant.modules.values():
+                module = loaded.peek(ref.sha256)
+                if module is not None:  # loaded in this process
+                    compile_s[label] += module.load_s
+                    modules[label, "miss" if module.compiled else "hit"] += 1
         errors = dict.fromkeys([*labels.values(), NO_TENANT], 0)
         for key in state.errors:
             errors[labels.of_key(key)] += 1
@@ -434,15 +443,36 @@ class _StateCollector:
                 "policy_reload_errors",
                 "Policy or module loads that failed; the last good state stayed in force.",
             ),
+            "loads": counter(
+                "module_loads",
+                "Modules loaded on a route's first request (or after an eviction).",
+            ),
+            "load_failures": counter(
+                "module_load_failures", "Module loads that failed; their requests answered 503."
+            ),
+            "load_seconds": counter(
+                "module_load_seconds",
+                "Seconds spent loading modules: fetched, verified, deserialized or compiled.",
+            ),
+            "evictions": counter(
+                "module_evictions",
+                "Loaded modules dropped from memory over --module-cache-bytes.",
+            ),
+            "loaded": gauge("loaded_modules", "Modules loaded in memory now."),
+            "loaded_bytes": gauge(
+                "loaded_module_bytes",
+                "Bytes of the modules loaded in memory (their artifacts), within"
+                " --module-cache-bytes per worker.",
+            ),
             "tenants": gauge("tenants", "Tenants served."),
             "compile": gauge(
                 "module_compile_seconds",
-                "Seconds it took to compile (or load) the modules in force, by tenant.",
+                "Seconds it took to compile (or load) the tenant's modules loaded now.",
                 ("tenant",),
             ),
             "modules": gauge(
                 "modules",
-                "Modules in force, by tenant and whether they came from the artifact cache.",
+                "The tenant's modules loaded now, by whether they came from the artifact cache.",
                 ("tenant", "cache"),
             ),
             "errors": gauge(

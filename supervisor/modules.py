@@ -168,16 +168,22 @@ class ArtifactCache:
         self.collected = 0  # artifacts deleted: unused for min_age_s, or evicted over max_bytes
 
     def load(
-        self, binary: bytes, *, name: str, limits: CompileLimits = DEFAULT_COMPILE_LIMITS
+        self,
+        binary: bytes,
+        *,
+        name: str,
+        limits: CompileLimits = DEFAULT_COMPILE_LIMITS,
+        not_cached: bool = False,
     ) -> CompiledModule:
         """Compile `binary` within `limits` (the tenant's policy), or load its verified
         artifact. A module over the policy's bounds is refused even if another tenant's
-        upload compiled it already. Raises ModuleRejected."""
+        upload compiled it already. `not_cached`: `load_cached` just found no valid artifact
+        (a corrupt one is then neither verified nor counted twice). Raises ModuleRejected."""
         check_compile_bounds(binary, limits, name=name)
         digest = hashlib.sha256(binary).hexdigest()
         with self._lock_for(digest):
             started = time.perf_counter()
-            cached = self._cached(digest, len(binary), started)
+            cached = None if not_cached else self._cached(digest, len(binary), started)
             if cached is not None:
                 return cached
             self.misses += 1

@@ -12,11 +12,11 @@ The supervisor
   process that has threads), handing it the serving socket by fd inheritance: one accept
   queue, and the kernel gives each new connection to whichever worker accepts first. A
   worker also gets a private unix socket for its own `/metrics`, a pipe on which it says
-  "ready" once it has loaded every tenant, the read end of a pipe the supervisor never
-  writes (EOF = the supervisor is gone: drain and exit), and its column in the pod-wide
-  tenant counts (pod_limits.py). The first worker starts alone (it compiles what the
-  artifact cache lacks), then the others; a worker accepts only when told (SIGUSR2), which
-  the first ones are once all of them are ready: the pod answers when it is whole;
+  "ready" once it has read every tenant (no module loads before: each loads on its first
+  request), the read end of a pipe the supervisor never writes (EOF = the supervisor is
+  gone: drain and exit), and its column in the pod-wide tenant counts (pod_limits.py). All
+  workers start at once, and each accepts (told by SIGUSR2) as soon as it is ready: the pod
+  answers when its first worker is;
 - restarts a worker that dies, after `RESTART_DELAY_S` doubled per crash in a row (up to
   `MAX_RESTART_DELAY_S`; a worker that served `BACKOFF_RESET_S` resets it), counted in
   `wasm_supervisor_worker_restarts_total`;
@@ -283,12 +283,13 @@ class Supervisor:
         self._listen_fds: tuple[int, ...] = ()
         self._parent_fd: int
         self._nursery: trio.Nursery  # watchers and the metrics server
-        self._tasks: trio.Nursery  # restarts and rolls: cancelled first on shutdown
+        self._tasks: trio.Nursery  # starts, restarts and rolls: cancelled first on shutdown
+        self._start_failed = False  # a worker exited before any was ready: stop, exit 1
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> int:
         """Serve until SIGTERM/SIGINT; 0 after a drain, 1 if the workers could not start.
 
-        `task_status.started` gets the serving port once every worker accepts.
+        `task_status.started` gets the serving port once the first worker accepts.
         """
         config = self._config
         with (
@@ -333,7 +334,7 @@ class Supervisor:
                 for listener in listeners + (metrics_listeners or []):
                     await trio.aclose_forcefully(listener)
         log.info("stopped")
-        return 0 if started else 1
+        return 0 if started and not self._start_failed else 1
 
     async def _serve(
         self,
@@ -369,27 +370,30 @@ class Supervisor:
         raise AssertionError("the signal receiver never ends")
 
     async def _start_all(self) -> bool:
-        """The first worker alone, then the others at once: the first compiles what the
-        artifact cache lacks, the others load its artifacts instead of compiling it again."""
-        started = [False] * self._count
+        """Every worker at once, each accepting as soon as it is ready: a worker compiles
+        nothing at start (modules load on their first request), so none waits for another.
+        Returns once the first is ready, so the pod answers (and handles signals) from then;
+        False if one exited before any was ready (`run` then stops and returns 1). One that
+        exits before it is ready once the pod serves is restarted as a crash (`_watch`)."""
+        first = trio.Event()
 
         async def start(index: int) -> None:
-            started[index] = await self._spawn(index, current=True) is not None
+            worker = await self._spawn(index, current=True, accept=True)
+            if worker is not None:
+                self._serving = True  # from the first ready worker on, a death is a crash
+            elif not first.is_set():
+                log.error("worker %d exited before it was ready: stopping", index)
+                self._start_failed = True
+            first.set()
 
-        await start(0)
-        if started[0]:
-            async with trio.open_nursery() as nursery:
-                for index in range(1, self._count):
-                    nursery.start_soon(start, index)
-        if not all(started):
-            log.error("a worker exited before it was ready: stopping")
-            return False
-        for worker in self._alive:
-            worker.process.send_signal(signal.SIGUSR2)  # all at once: the pod is up
-        return True
+        for index in range(self._count):
+            self._tasks.start_soon(start, index)
+        await first.wait()
+        return not self._start_failed
 
-    async def _spawn(self, index: int, *, current: bool) -> _Worker | None:
-        """Start a worker; wait until it accepts. None if it exits first (its watcher says)."""
+    async def _spawn(self, index: int, *, current: bool, accept: bool = False) -> _Worker | None:
+        """Start a worker; wait until it is ready, and tell it to accept if `accept` or once
+        the pod serves (a replacement). None if it exits first (its watcher says)."""
         column = self._free_columns.pop()
         serial = next(self._serials)
         metrics_path = metrics_socket = None
@@ -436,7 +440,7 @@ class Supervisor:
                 return None
         worker.ready_at = trio.current_time()
         log.info("worker %d ready (pid %d)", index, process.pid)
-        if self._serving:  # a replacement accepts at once; the first ones all together
+        if accept or self._serving:
             process.send_signal(signal.SIGUSR2)
         return worker
 

@@ -77,6 +77,11 @@ class PulledModules:
             self._write_pin(text, pulled.manifest_digest)
         return pulled
 
+    def stored(self, pulled: PulledModule, *, max_bytes: int) -> PulledModule | None:
+        """The module `pulled` resolved to, from disk alone (a lazy load after its tenant was
+        loaded: the same content, no registry round trip), or None if it is gone."""
+        return self._from_disk(replace(pulled.reference, digest=pulled.manifest_digest), max_bytes)
+
     def _pull(self, reference: Reference, max_bytes: int) -> PulledModule:
         with RegistryClient(insecure_registries=self.insecure_registries) as client:
             named, image = client.resolve(reference)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -405,15 +406,19 @@ def test_second_serve_process_loads_from_the_store_without_compiling(
     workspace.add_tenant("demo", {"/hello": "hello.wat"})
     key = f"pods:{'p' * 40}"
     for name in ("a", "b"):
-        log = _serve_until_loaded(workspace, tmp_path / f"cache-{name}", key)
+        # Lazy loading: no module loads at start; the route's first request loads it.
+        metrics = _serve_until_loaded(workspace, tmp_path / f"cache-{name}", key)
         if name == "a":
-            assert "compiled 1, cache hits 0; 0 errors; 0 from the store" in log, log
+            assert "wasm_supervisor_modules_compiled_total 1.0" in metrics, metrics
+            assert "wasm_supervisor_shared_artifacts_downloaded_total 0.0" in metrics, metrics
         else:
-            assert "compiled 0, cache hits 0; 0 errors; 1 from the store" in log, log
+            assert "wasm_supervisor_modules_compiled_total 0.0" in metrics, metrics
+            assert "wasm_supervisor_shared_artifacts_downloaded_total 1.0" in metrics, metrics
 
 
 def _serve_until_loaded(workspace: Workspace, cache: Path, key: str) -> str:
-    """Start a real server, wait (60 s at most) for its start-up line, stop it; its log."""
+    """Start a real server, wait (60 s at most) for its start-up lines, request its one route
+    (its module loads then), stop it; its /metrics page as it was after that request."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "SUPERVISOR_ARTIFACT_KEY": key}
     log = cache.with_suffix(".log")
     with log.open("w") as output:
@@ -430,13 +435,21 @@ def _serve_until_loaded(workspace: Workspace, cache: Path, key: str) -> str:
         )
     try:
         deadline = time.monotonic() + 60
-        while "loaded 1 tenants" not in log.read_text():
+        while not (
+            re.search(r"serving on (http://\S+)", log.read_text())
+            and re.search(r"metrics on (http://\S+)", log.read_text())
+        ):
             assert time.monotonic() < deadline and process.poll() is None, log.read_text()
             time.sleep(0.02)
+        text = log.read_text()
+        serving = re.search(r"serving on (http://\S+)", text).group(1)
+        metrics_url = re.search(r"metrics on (http://\S+)", text).group(1)
+        assert httpx.get(f"{serving}/demo/hello", timeout=30).status_code == 200, log.read_text()
+        metrics = httpx.get(metrics_url, timeout=30).text
     finally:
         process.terminate()
         process.wait(timeout=30)
-    return log.read_text()
+    return metrics
 
 
 async def test_second_pod_serves_the_artifact_of_the_first(
