@@ -33,7 +33,7 @@ from .outbound import client as outbound_client
 from .pod_limits import PodCounters
 from .sandbox import Sandbox
 from .store.settings import StoreSettings
-from .store.uploads import UploadStore
+from .store.uploads import UploadStore, referenced
 from .tenants import WATCH_INTERVAL_S, TenantRegistry
 
 log = logging.getLogger("supervisor.app")
@@ -323,16 +323,16 @@ async def _collect_artifacts(cache: ArtifactCache, registry: TenantRegistry) -> 
 
 
 def _named_modules(registry: TenantRegistry) -> set[str]:
-    """The mark of the shared artifacts' sweep: the sha256 of every module the `file:` store
-    holds (uploads, current and kept for rollback, are files named by their content) and of
-    every module loaded from `modules.toml`."""
-    live = {
+    """The mark of the shared artifacts' sweep: the sha256 of every module a manifest of the
+    store names (current versions and those kept for rollback), whichever the store, and of
+    every module `modules.toml` serves."""
+    uploads = registry.uploads
+    live = referenced(uploads.read(tenant).manifest for tenant in uploads.tenants())
+    live.update(
         module.sha256
         for tenant in registry.state.tenants.values()
         for module in tenant.modules.values()
-    }
-    for path in registry.tenants_dir.glob(f"*/{store.MODULES_DIR}/*.wasm"):
-        live.add(path.stem)
+    )
     return live
 
 
