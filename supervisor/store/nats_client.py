@@ -310,7 +310,7 @@ class NatsConnection:
         if "authorization" in str(exc).lower() or "authentication" in str(exc).lower():
             signed_in = self.settings.credentials or "no --store-credentials"
             return f"NATS at {self.settings.url} refused the sign-in with {signed_in} ({reason})"
-        return f"NATS at {self.settings.url} unreachable ({reason})"
+        return f"NATS at {self.settings.url}: {reason}"
 
     async def _connected_now(self) -> None:
         """Listeners first (they open buckets), then callers may `call`."""
