@@ -63,6 +63,7 @@ import mmap
 import os
 import re
 import struct
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -395,10 +396,44 @@ def _parse_declared_routes(value: object, *, source: str, key: str) -> DeclaredR
     return tuple((pattern, export) for pattern, export in value)
 
 
+_MTIME_STEPS_NS = (1, 1_000, 1_000_000, 1_000_000_000, 2_000_000_000)
+"""How far past the previous manifest's mtime a new one is set, smallest first, until the
+filesystem keeps it: 1 ns where it stores nanoseconds, 1 s on ext4 with 128-byte inodes and
+many NFS servers, 2 s on FAT."""
+
+
 def write_manifest(tenant_dir: Path, manifest: Manifest) -> None:
-    """Replace manifest.json atomically and durably. Call under `manifest_lock`."""
-    write_atomically(tenant_dir / MANIFEST_FILE, manifest.to_json())
+    """Replace manifest.json atomically and durably. Call under `manifest_lock`.
+
+    Readers (every worker of every pod sharing the folder) reload a tenant when the file's
+    (mtime, size, inode) changes. A rename-based write gets the inode the version before the
+    previous one freed (ext4 hands it out again), so where timestamps are coarse (1 s on the
+    filesystems of `_MTIME_STEPS_NS`; a 4 ms tick on kernels before 6.13) two changes within
+    one tick could give the newest manifest the very stat of one a reader already has, and
+    that reader would miss both. So the mtime is a revision: each manifest's is above the one
+    it replaces, in a step the filesystem keeps (ahead of the clock during a burst of changes
+    on a coarse filesystem), and no reader ever holds the stat of a newer manifest.
+    """
+    path = tenant_dir / MANIFEST_FILE
+    try:
+        previous_ns: int | None = os.stat(path).st_mtime_ns
+    except FileNotFoundError:
+        previous_ns = None
+    write_atomically(path, manifest.to_json())
+    if previous_ns is not None:
+        _advance_mtime(path, previous_ns)
     fsync_directory(tenant_dir)
+
+
+def _advance_mtime(path: Path, previous_ns: int) -> None:
+    """Make `path`'s mtime greater than `previous_ns` (it usually is already)."""
+    for step in _MTIME_STEPS_NS:
+        if os.stat(path).st_mtime_ns > previous_ns:
+            return
+        target = max(time.time_ns(), previous_ns + step)
+        os.utime(path, ns=(target, target))
+    if os.stat(path).st_mtime_ns <= previous_ns:
+        log.warning("%s: its mtime cannot be advanced: readers may miss this change", path)
 
 
 def store_module(tenant_dir: Path, binary: bytes) -> str:
