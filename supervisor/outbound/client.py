@@ -24,10 +24,11 @@ after `KEEPALIVE_S`, swept by a thread, since a pool left alone never looks at i
 Proxies and CAs, as operators set them in the server's environment (read once, at start):
 `HTTPS_PROXY`/`HTTP_PROXY` (and lower-case forms) with `NO_PROXY`, and `SSL_CERT_FILE`/
 `SSL_CERT_DIR` (OpenSSL's default verify paths). The proxy is the operator's: connections to it
-are exempt from the guard, and through it the target's address is resolved by the proxy, so the
-guard cannot judge it; the allow rules still apply to the target the guest asked for. An
-operator who needs the guard behind a proxy filters private ranges on the proxy, or lists the
-internal names in `NO_PROXY`, so that those requests go direct and are guarded here.
+are exempt from the guard, and through it a target's name is resolved by the proxy, so the
+guard cannot judge the address; a target given as an IP address is judged before it is sent
+to the proxy, and the allow rules still apply to the target the guest asked for. An operator
+who needs the guard behind a proxy filters private ranges on the proxy, or lists the internal
+names in `NO_PROXY`, so that those requests go direct and are guarded here.
 """
 
 from __future__ import annotations
@@ -516,6 +517,8 @@ class TenantClient:
             target=url.raw_path,
         )
         proxy = self._proxy_for(url)
+        if proxy is not None and not self._literal_allowed(url.host):
+            raise Denied(f"{url.host} is an address the SSRF guard refuses")
         pool = self._pool(proxy)
         try:
             with pool.stream(
@@ -558,6 +561,14 @@ class TenantClient:
         ):
             return None
         return proxy
+
+    def _literal_allowed(self, host: str) -> bool:
+        """Through a proxy the guard sees no address, except a target given as one."""
+        try:
+            ipaddress.ip_address(host.partition("%")[0])
+        except ValueError:
+            return True  # a name: the proxy resolves it
+        return address_allowed(host, host, self.policy_rules.exact_hosts)
 
     def _pool(self, proxy: str | None) -> httpcore.ConnectionPool:
         pool = self._pools.get(proxy)

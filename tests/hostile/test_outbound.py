@@ -27,6 +27,7 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
+from connect_proxy import connect_proxy
 
 from supervisor.auth import token_sha256
 from supervisor.outbound import client
@@ -169,7 +170,9 @@ def tls_upstream(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Up
         "-out",
         "server.csr",
     )
-    (tmp_path / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    (tmp_path / "ext.cnf").write_text(
+        "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:api.example.test\n"
+    )
     openssl(
         "x509",
         "-req",
@@ -472,6 +475,59 @@ async def test_an_http_proxy_from_the_environment_is_used_and_exempt_from_the_gu
     # NO_PROXY: straight to the upstream, guarded (named exactly in the policy: admitted).
     direct = (await call(running, upstream.url("/hello", host="localhost")))[1]
     assert "hello from upstream" in direct
+
+
+async def test_an_https_request_goes_through_the_proxy_with_connect_and_the_rules_still_apply(
+    workspace, start_supervisor, tls_upstream, monkeypatch
+):
+    with connect_proxy({"api.example.test": "127.0.0.1"}) as proxy:
+        monkeypatch.setenv("HTTPS_PROXY", proxy.url)
+        monkeypatch.setenv("NO_PROXY", "localhost")
+        target = f"https://api.example.test:{tls_upstream.port}"
+        direct = f"https://localhost:{tls_upstream.port}"
+        add_tenant(workspace, [target, direct], [target, direct])
+        running = await start_supervisor()
+        # Through the proxy, TLS inside the tunnel (the test CA from SSL_CERT_FILE): the proxy
+        # is on loopback and named nowhere in the policy, yet exempt from the guard.
+        for _ in range(2):
+            text = (await call(running, f"{target}/hello"))[1]
+            assert "req=0 status=200" in text and "body=hello from upstream" in text
+        tunnel = f"CONNECT api.example.test:{tls_upstream.port} HTTP/1.1"
+        assert proxy.requests == [tunnel]  # one tunnel, kept alive for the second call
+        # The allow rules apply to the target the guest asked for: the proxy sees nothing.
+        other = f"https://other.example.test:{tls_upstream.port}/hello"
+        assert req_code((await call(running, other))[1]) == 7
+        # NO_PROXY: straight to the upstream, guarded (localhost is named exactly: admitted).
+        text = (await call(running, f"{direct}/hello"))[1]
+        assert "req=0 status=200" in text and "body=hello from upstream" in text
+        assert proxy.requests == [tunnel]
+
+
+@pytest.mark.parametrize(
+    ("outbound_hosts", "host", "code"),
+    [
+        (["https://*:{port}"], "127.0.0.1", 7),  # an address: judged before the proxy
+        (["https://*:{port}"], "169.254.169.254", 7),  # metadata: never
+        (["https://127.0.0.1:{port}"], "127.0.0.1", 0),  # named exactly: admitted
+        (["https://*:{port}"], "api.example.test", 0),  # a name: the proxy resolves it
+    ],
+    ids=["wildcard-loopback", "metadata", "exact-loopback", "name"],
+)
+async def test_through_a_proxy_the_guard_judges_a_target_given_as_an_address(
+    workspace, start_supervisor, tls_upstream, monkeypatch, outbound_hosts, host, code
+):
+    with connect_proxy({"api.example.test": "127.0.0.1"}) as proxy:
+        monkeypatch.setenv("HTTPS_PROXY", proxy.url)
+        add_tenant(
+            workspace,
+            ["insecure:allow-all"],
+            [h.format(port=tls_upstream.port) for h in outbound_hosts],
+        )
+        running = await start_supervisor()
+        url = f"https://{host}:{tls_upstream.port}/hello"
+        assert req_code((await call(running, url))[1]) == code
+        seen = [f"CONNECT {host}:{tls_upstream.port} HTTP/1.1"] if code == 0 else []
+        assert proxy.requests == seen
 
 
 # Limits: requests per guest request, responses held, tenant concurrency, size, deadline.
