@@ -29,6 +29,7 @@ import pytest
 import trio
 from connect_proxy import connect_proxy
 
+from supervisor import sandbox
 from supervisor.auth import token_sha256
 from supervisor.outbound import client
 
@@ -567,7 +568,42 @@ async def test_a_guest_hammering_req_under_a_high_cap_is_stopped_by_its_fuel(
         "/t/call", content=upstream.url("/hello").encode() + b"\0c"
     )
     assert response.status_code == 503, response.text  # out of fuel
-    assert len(upstream.requests) <= 10  # each req charges 100,000 units
+    assert len(upstream.requests) <= 10  # each req charges its CPU time, ~1,000,000 units
+
+
+async def test_a_guest_hammering_header_get_pays_for_the_hosts_work_in_fuel(
+    workspace, start_supervisor, upstream
+):
+    origin = f"http://127.0.0.1:{upstream.port}"
+    # 20,000 calls cost the host ~0.15 s of CPU, ~1e9 units of fuel: far more than 5e7.
+    for tenant, fuel in (("rich", 10**10), ("t", 5 * 10**7)):
+        policy = f"fuel_per_request = {fuel}"
+        add_tenant(workspace, [origin], [origin], policy, "outbound_headers.wat", tenant=tenant)
+    running = await start_supervisor()
+    url = upstream.url("/hello")
+    rich = await running.client.post("/rich/call", content=url)
+    assert rich.text == "req=0 calls=20000\n"
+    poor = await running.client.post("/t/call", content=url)
+    assert poor.status_code == 503, poor.text  # out of fuel
+
+
+async def test_outbound_host_calls_count_toward_the_processes_host_share(
+    workspace, start_supervisor, upstream, monkeypatch
+):
+    monkeypatch.setattr(sandbox, "HOST_SHARE", 0.005)  # 0.15 s of host work: 30 s of wall
+    origin = f"http://127.0.0.1:{upstream.port}"
+    add_tenant(
+        workspace,
+        [origin],
+        [origin],
+        "fuel_per_request = 10_000_000_000",
+        guest="outbound_headers.wat",
+    )
+    running = await start_supervisor()
+    started = time.monotonic()
+    response = await running.client.post("/t/call", content=upstream.url("/hello"))
+    assert response.status_code == 504, response.text  # its share: the deadline comes first
+    assert time.monotonic() - started < SLOW_UPSTREAM_S / 2
 
 
 async def test_responses_held_at_once_are_capped_by_http_max_concurrency(
