@@ -1086,6 +1086,7 @@ def _manifest_spec(record: store.ModuleRecord) -> ModuleSpec:
         version.volumes,
         declared_routes=version.declared_routes,
         allowed_hosts=version.allowed_hosts,
+        http_max_concurrency=version.http_max_concurrency,
     )
 
 
