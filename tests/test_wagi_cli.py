@@ -3,6 +3,7 @@ unchanged in a subprocess from the folder holding them, over real HTTP (and HTTP
 
 from __future__ import annotations
 
+import hashlib
 import http.server
 import re
 import signal
@@ -224,22 +225,48 @@ async def test_tls_from_wagis_environment_variables(app_dir: Path):
         assert env_seen["X_FULL_URL"] == f"{url}/env"
 
 
-async def test_log_dir_holds_the_guests_stderr(app_dir: Path):
-    (app_dir / "examples" / "stderr.wat").write_bytes((GUESTS / "stderr.wat").read_bytes())
-    text = WAGI_EXAMPLE + '\n[[module]]\nroute = "/err"\nmodule = "examples/stderr.wat"\n'
-    (app_dir / "modules.toml").write_text(text)
+STDERR_GUEST = r"""(module
+  (import "wasi_snapshot_preview1" "fd_write" (func $w (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 64) "oops\tfrom the guest\n")
+  (data (i32.const 96) "content-type: text/plain\n\nok\n")
+  (func (export "_start")
+    (i32.store (i32.const 0) (i32.const 64))
+    (i32.store (i32.const 4) (i32.const 20))
+    (drop (call $w (i32.const 2) (i32.const 0) (i32.const 1) (i32.const 8)))
+    (i32.store (i32.const 0) (i32.const 96))
+    (i32.store (i32.const 4) (i32.const 29))
+    (drop (call $w (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))
+"""
+"""Writes `oops<TAB>from the guest<LF>` (20 bytes) to stderr, then answers `ok`."""
+
+
+def module_stderr(log_dir: Path, route: str) -> Path:
+    """Where WAGI 0.8.1 puts a route's guest stderr: a folder named by the hex SHA-256 of the
+    route as written (`RoutingTableEntry::unique_key`), file `module.stderr`."""
+    return log_dir / hashlib.sha256(route.encode()).hexdigest() / "module.stderr"
+
+
+async def test_log_dir_holds_each_routes_guest_stderr_in_its_module_stderr(app_dir: Path):
+    (app_dir / "examples" / "stderr.wat").write_text(STDERR_GUEST)
+    routes = '[[module]]\nroute = "{}"\nmodule = "examples/stderr.wat"\n'
+    (app_dir / "modules.toml").write_text(routes.format("/err") + routes.format("/api/..."))
+    (app_dir.parent / "small.toml").write_text("max_stderr_bytes = 8\n")
     logs = app_dir.parent / "logs"
-    async with (
-        wagi(app_dir, ["-c", "modules.toml", "-l", "127.0.0.1:0", "--log-dir", str(logs)]) as (
-            url,
-            _,
-        ),
-        httpx.AsyncClient(base_url=url) as client,
-    ):
-        await client.get("/err")
-        with trio.fail_after(10):
-            while "stderr:" not in (logs / "wagi.log").read_text():
-                await trio.sleep(POLL_S)
+    args = ["-c", "modules.toml", "-l", "127.0.0.1:0", "--log-dir", str(logs)]
+    async with wagi(app_dir, args) as (url, _), httpx.AsyncClient(base_url=url) as client:
+        for path in ("/err", "/err", "/api/x/y"):
+            response = await client.get(path)
+            assert (response.status_code, response.text) == (200, "ok\n")
+    # Appended per request, byte for byte (not escaped as a log line is), one file per route.
+    assert module_stderr(logs, "/err").read_bytes() == b"oops\tfrom the guest\n" * 2
+    assert module_stderr(logs, "/api/...").read_bytes() == b"oops\tfrom the guest\n"
+    assert "serving on" in (logs / "wagi.log").read_text()  # the server's own log stays
+    # Bounded as stderr is: at most the policy's max_stderr_bytes per request.
+    args += ["--policy", "../small.toml"]
+    async with wagi(app_dir, args) as (url, _), httpx.AsyncClient(base_url=url) as client:
+        assert (await client.get("/api/")).status_code == 200
+    assert module_stderr(logs, "/api/...").read_bytes() == b"oops\tfrom the guest\noops\tfro"
 
 
 def run_wagi(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
