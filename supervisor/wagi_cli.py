@@ -121,7 +121,9 @@ def _app_config(args: argparse.Namespace, private: Path) -> app.AppConfig:
     if args.config is None:
         raise WagiError("-c/--config MODULES_TOML is required")
     config_file = args.config.resolve()
-    specs = parse_modules_toml(policies.read_toml(config_file), source=str(args.config))
+    specs = parse_modules_toml(
+        policies.read_toml(config_file), source=str(args.config), operator_paths=True
+    )
     host, sep, port = args.listen.rpartition(":")
     if not sep or not port.isdigit():
         raise WagiError(f"-l/--listen: expected IP:PORT, got {args.listen!r}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -267,6 +268,51 @@ async def test_log_dir_holds_each_routes_guest_stderr_in_its_module_stderr(app_d
     async with wagi(app_dir, args) as (url, _), httpx.AsyncClient(base_url=url) as client:
         assert (await client.get("/api/")).status_code == 200
     assert module_stderr(logs, "/api/...").read_bytes() == b"oops\tfrom the guest\noops\tfro"
+
+
+async def test_absolute_volumes_and_file_urls_name_the_operators_own_files(app_dir: Path):
+    """As in WAGI: a module given as a `file:` URL (percent-encoded, or with `localhost`), a
+    volume folder given as an absolute path or as a path from the working directory."""
+    site = app_dir.parent / "elsewhere" / "my site"
+    shutil.copytree(DEMO / "static", site / "static")
+    shutil.copyfile(DEMO / "site.wat", site / "site guest.wat")
+    file_url = (site / "site guest.wat").as_uri()
+    assert "%20" in file_url
+    localhost = file_url.replace("file:///", "file://localhost/")
+    text = (
+        WAGI_EXAMPLE
+        + f"""
+[[module]]
+route = "/site/..."
+module = "{file_url}"
+volumes = {{"/static" = "{site / "static"}"}}
+
+[[module]]
+route = "/up/..."
+module = "{localhost}"
+volumes = {{"/static" = "../elsewhere/my site/static"}}
+"""
+    )
+    (app_dir / "modules.toml").write_text(text)
+    about = (site / "static" / "about.txt").read_bytes()
+    async with (
+        wagi(app_dir, ["-c", "modules.toml", "-l", "127.0.0.1:0"]) as (url, _),
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        for path in ("/site/about.txt", "/up/about.txt"):
+            response = await client.get(path)
+            assert (path, response.status_code, response.content) == (path, 200, about)
+        assert (await client.get("/bar")).text == "from alt\n"
+
+
+def test_a_file_url_naming_a_host_stops_wagi(app_dir: Path):
+    entry = '[[module]]\nroute = "/"\nmodule = "file://server/share/x.wasm"\n'
+    (app_dir / "modules.toml").write_text(entry)
+    result = run_wagi(app_dir, "-c", "modules.toml", "-l", "127.0.0.1:0")
+    assert result.returncode == 2
+    assert "module[0].module: the file: URL 'file://server/share/x.wasm' names the host" in (
+        result.stderr
+    )
 
 
 def run_wagi(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
