@@ -175,13 +175,21 @@ def _parse_env(items: list[str], *, source: str) -> dict[str, str]:
 
 
 def _read_env_file(path: Path) -> dict[str, str]:
-    """A `.env` file: NAME=VALUE lines; blank lines and `#` comments skipped."""
+    """A `.env` file: `NAME=VALUE` lines, `export ` before them allowed; blank lines and `#`
+    comments skipped. Spaces around the `=` are dropped: WAGI's own docs show
+    `TEST_NAME = "test value"`, which its reader (env-file-reader 0.2) skipped silently."""
     try:
         lines = path.read_text().splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise WagiError(f"--env-file {path}: {exc}") from None
-    items = [line.strip() for line in lines]
-    return _parse_env([i for i in items if i and not i.startswith("#")], source=str(path))
+    items = []
+    for line in lines:
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, value = line.removeprefix("export ").partition("=")
+        items.append(f"{name.strip()}{sep}{value.strip()}")
+    return _parse_env(items, source=str(path))
 
 
 def _toml(table: Mapping[str, object]) -> str:

@@ -160,6 +160,18 @@ async def test_hostname_and_several_env_values_per_flag(app_dir: Path):
     assert all(line in raw for line in ("\nA=1\n", "\nB=2\n", "\nC=3\n"))
 
 
+async def test_the_env_file_of_wagis_docs_sets_its_values(app_dir: Path):
+    """configuring_and_running.md's env.txt, spaces around `=` and quotes as written there,
+    given with `wagi --env-file env.txt`; `export NAME=...` lines as a shell would source."""
+    text = 'TEST_NAME = "test value"\nANOTHER_NAME = "another value"\nexport SHELL_STYLE=\'yes\'\n'
+    (app_dir / "env.txt").write_text(text)
+    args = ["-c", "modules.toml", "-l", "127.0.0.1:0", "--env-file", "env.txt"]
+    async with wagi(app_dir, args) as (url, _), httpx.AsyncClient(base_url=url) as client:
+        env = variables((await client.get("/env")).text)
+    seen = (env["TEST_NAME"], env["ANOTHER_NAME"], env["SHELL_STYLE"])
+    assert seen == ("test value", "another value", "yes")
+
+
 def upstream() -> Iterator[int]:
     """A plain HTTP upstream on 127.0.0.1 answering every GET with 200 `hi`."""
 
