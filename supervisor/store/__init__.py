@@ -121,6 +121,11 @@ _VERSION_KEYS = frozenset(
 _DECLARED_ROUTES = "declared_routes"
 _ALLOWED_HOSTS = "allowed_hosts"
 """A version's outbound HTTP patterns (the upload's `allowed_host=`); absent: no requests."""
+_HTTP_MAX_CONCURRENCY = "http_max_concurrency"
+"""Outbound responses a guest of the version may hold open at once (the upload's
+`http_max_concurrency=`, modules.toml's key); absent: only the policy's caps."""
+_OPTIONAL_KEYS = (_ALLOWED_HOSTS, _HTTP_MAX_CONCURRENCY)
+"""Keys the admin API always shows (null when unset) but a manifest holds only when set."""
 _TOP_KEYS = frozenset({"format", "modules", "deleted"})
 
 DeclaredRoutes = tuple[tuple[str, str], ...]
@@ -145,6 +150,7 @@ class ModuleVersion:
     declared_routes: DeclaredRoutes | None = None  # None: not known (a format 1 manifest)
     unknown: Mapping[str, Any] = field(default_factory=dict)  # keys of a newer revision
     allowed_hosts: tuple[str, ...] | None = None  # outbound HTTP patterns; None: no requests
+    http_max_concurrency: int | None = None  # outbound responses held at once; None: no cap
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "volumes", MappingProxyType(dict(self.volumes)))
@@ -164,6 +170,7 @@ class ModuleVersion:
             self.argv,
             dict(self.volumes),
             self.allowed_hosts,
+            self.http_max_concurrency,
         ) == (
             other.sha256,
             other.route,
@@ -171,6 +178,7 @@ class ModuleVersion:
             other.argv,
             dict(other.volumes),
             other.allowed_hosts,
+            other.http_max_concurrency,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -183,15 +191,19 @@ class ModuleVersion:
             "volumes": dict(self.volumes),
             "uploaded_at": self.uploaded_at,
             "compile_s": self.compile_s,
+            _ALLOWED_HOSTS: None if self.allowed_hosts is None else list(self.allowed_hosts),
+            _HTTP_MAX_CONCURRENCY: self.http_max_concurrency,
         }
 
     def stored(self) -> dict[str, Any]:
-        """The version as the manifest holds it: `to_dict`, its routes, the keys kept."""
+        """The version as the manifest holds it: `to_dict` without its unset optional keys,
+        its routes, the keys kept."""
         document = {**self.unknown, **self.to_dict()}
+        for key in _OPTIONAL_KEYS:
+            if document[key] is None:
+                del document[key]
         if self.declared_routes is not None:
             document[_DECLARED_ROUTES] = [list(pair) for pair in self.declared_routes]
-        if self.allowed_hosts is not None:
-            document[_ALLOWED_HOSTS] = list(self.allowed_hosts)
         return document
 
 
@@ -362,10 +374,13 @@ def _parse_version(entry: object, *, source: str, key: str) -> ModuleVersion:
         unknown={
             name: value
             for name, value in entry.items()
-            if name not in _VERSION_KEYS and name not in (_DECLARED_ROUTES, _ALLOWED_HOSTS)
+            if name not in _VERSION_KEYS and name not in (_DECLARED_ROUTES, *_OPTIONAL_KEYS)
         },
         allowed_hosts=_parse_allowed_hosts(
             entry.get(_ALLOWED_HOSTS), source=source, key=f"{key}.{_ALLOWED_HOSTS}"
+        ),
+        http_max_concurrency=_parse_http_max_concurrency(
+            entry.get(_HTTP_MAX_CONCURRENCY), source=source, key=f"{key}.{_HTTP_MAX_CONCURRENCY}"
         ),
     )
 
@@ -380,6 +395,14 @@ def _parse_allowed_hosts(value: object, *, source: str, key: str) -> tuple[str, 
     except PatternError as exc:
         raise ConfigError(source, key, str(exc)) from None
     return tuple(value)
+
+
+def _parse_http_max_concurrency(value: object, *, source: str, key: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(source, key, f"must be an integer, at least 1, got {value!r}")
+    return value
 
 
 def _parse_declared_routes(value: object, *, source: str, key: str) -> DeclaredRoutes | None:
