@@ -96,9 +96,13 @@ UPLOAD_RETRY_AFTER_S = 5
 _JSON = (b"content-type", b"application/json")
 _DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 """Write errors that mean "no space", answered 507 (RFC 4918 §11.5), not a 500 traceback."""
-_QUERY_KEYS = frozenset({"route", "entrypoint", "argv", "volume", "allowed_host"})
+_QUERY_KEYS = frozenset(
+    {"route", "entrypoint", "argv", "volume", "allowed_host", "http_max_concurrency"}
+)
 _MAX_ENTRYPOINT_CHARS = 256
 """An export name longer than this is a mistake; it also bounds what an error message echoes."""
+_MAX_HTTP_CONCURRENCY = 2**32 - 1
+"""WAGI's `http_max_concurrency` is a u32; the tenant policy's caps bound it further."""
 
 
 @dataclass(slots=True)
@@ -484,7 +488,7 @@ def _upload_settings(query: str, existing: store.ModuleRecord | None) -> store.M
                 f"unknown query parameter {key[:80]!r} (known: {', '.join(sorted(_QUERY_KEYS))})"
             )
         values.setdefault(key, []).append(value)
-    for key in ("route", "entrypoint", "argv"):
+    for key in ("route", "entrypoint", "argv", "http_max_concurrency"):
         if len(values.get(key, ())) > 1:
             raise BadRequest(f"query parameter {key!r} given more than once")
     if not values and existing is not None:
@@ -520,6 +524,9 @@ def _upload_settings(query: str, existing: store.ModuleRecord | None) -> store.M
             check_entry(pattern)
         except PatternError as exc:
             raise BadRequest(f"allowed_host {pattern[:80]!r}: {exc}") from None
+    http_max_concurrency = values.get("http_max_concurrency", [None])[0]
+    if http_max_concurrency is not None:
+        http_max_concurrency = _parse_http_max_concurrency(http_max_concurrency)
     return store.ModuleVersion(
         sha256="",
         size=0,
@@ -530,7 +537,19 @@ def _upload_settings(query: str, existing: store.ModuleRecord | None) -> store.M
         uploaded_at="",
         compile_s=0.0,
         allowed_hosts=None if allowed_hosts is None else tuple(allowed_hosts),
+        http_max_concurrency=http_max_concurrency,
     )
+
+
+def _parse_http_max_concurrency(text: str) -> int:
+    """The upload's `http_max_concurrency=`: decimal digits, 1 to `_MAX_HTTP_CONCURRENCY`."""
+    value = int(text) if re.fullmatch(r"[0-9]{1,10}", text) else 0
+    if not 1 <= value <= _MAX_HTTP_CONCURRENCY:
+        raise BadRequest(
+            f"http_max_concurrency must be an integer from 1 to {_MAX_HTTP_CONCURRENCY},"
+            f" got {text[:80]!r}"
+        )
+    return value
 
 
 def _check_route_free(tenant: Tenant, pattern: str, name: str) -> None:

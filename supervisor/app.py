@@ -24,7 +24,7 @@ from .admission import Admission
 from .artifacts import ArtifactBucket, ArtifactKeys, FileArtifactBucket
 from .auth import Authenticator
 from .errors import ConfigError
-from .gateway import Gateway
+from .gateway import Gateway, StderrSink
 from .guest_threads import GuestThreads
 from .loaded_modules import LoadedModules
 from .metrics import Metrics
@@ -107,6 +107,7 @@ class AppConfig:
     root_tenant: str | None = None
     default_host: str = ""
     operator_root: Path | None = None
+    guest_stderr: StderrSink | None = None  # also given each run's stderr (--log-dir)
 
 
 @dataclass
@@ -197,6 +198,7 @@ async def run(
         metrics = Metrics(admission, registry, tenants=config.metrics_tenants)
         gateway = Gateway(registry, sandbox, admission, guest_threads, metrics)
         gateway.root_tenant, gateway.default_host = config.root_tenant, config.default_host
+        gateway.guest_stderr = config.guest_stderr
         authenticator = Authenticator(
             config.admin_token_sha256,
             lambda: ((name, tenant.policy) for name, tenant in registry.state.tenants.items()),

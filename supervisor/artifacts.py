@@ -79,8 +79,9 @@ _DOMAIN = b"wasm-supervisor compiled artifact v1\0"
 """Prefixes every MAC input: a key used for something else never makes a valid seal here."""
 
 CLAIM_TTL_S = 120.0
-"""A compile claim lapses after this: a claimer that died frees the compile by then. A compile
-that takes longer (a 99 MB runtime) may then run on a second pod too: wasted, never wrong."""
+"""A compile claim lapses after this: a claimer that died frees the compile by then. A NATS
+claim is renewed while its holder lives, so a longer compile keeps it; a folder's claim is not,
+and a compile that takes longer may then run on a second pod too: wasted, never wrong."""
 CLAIM_POLL_S = 0.1
 """How often a pod that lost a claim looks for the artifact (a listing-free read of one key)."""
 READ_BLOCK_BYTES = 1024 * 1024
@@ -502,11 +503,12 @@ class SharedArtifacts:
             return True
 
     def await_other(self, digest: str) -> memoryview | None:
-        """While another pod holds the claim on `digest` (at most the claim's lifetime),
-        wait for its artifact. None: the claimer died or failed; compile here."""
-        deadline = time.monotonic() + self.claim_ttl_s
+        """While another pod holds the claim on `digest`, wait for its artifact. None: the
+        claimer died or failed; compile here. A claim stands while its holder compiles (a
+        NATS claim is renewed; a folder's lasts its lifetime) and lapses at most a lifetime
+        after its holder died, so this wait ends."""
         name = self._name(digest)
-        while time.monotonic() < deadline:
+        while True:
             artifact = self.fetch(digest)
             if artifact is not None:
                 return artifact
@@ -516,7 +518,6 @@ class SharedArtifacts:
             except BUCKET_ERRORS:
                 return None
             time.sleep(CLAIM_POLL_S)
-        return None
 
     def publish(self, digest: str, artifact: bytes) -> None:
         """Seal `artifact` into the bucket and drop this process's claim. Never raises: a

@@ -147,6 +147,15 @@ def build_parser() -> argparse.ArgumentParser:
             {"type": Path, "default": None, "help": "NATS .creds file, or a file with a token"},
         ),
         (
+            "store-ca",
+            {
+                "type": Path,
+                "default": None,
+                "help": "PEM CA bundle a tls:// store's certificate must chain to (default: the"
+                " system's CAs)",
+            },
+        ),
+        (
             "store-replicas",
             {
                 "type": _positive_int,
@@ -428,6 +437,7 @@ def _app_config(args: argparse.Namespace) -> app.AppConfig | None:
         store_settings = StoreSettings.parse(
             args.store or f"file:{args.tenants}",
             credentials=args.store_credentials,
+            ca_file=args.store_ca,
             replicas=args.store_replicas,
             prefix=args.store_prefix,
         )
@@ -474,6 +484,7 @@ def _store_copy(args: argparse.Namespace) -> int:
             StoreSettings.parse(
                 url,
                 credentials=args.store_credentials,
+                ca_file=args.store_ca,
                 replicas=args.store_replicas,
                 prefix=args.store_prefix,
             )

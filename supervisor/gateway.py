@@ -41,6 +41,11 @@ _STDERR_LOG_LIMIT = 4096
 _LOG_UNSAFE = re.compile(r"[\\\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
+StderrSink = Callable[[str, bytes], None]
+"""Takes a run's stderr with the route it ran for (as written); called in the guest thread,
+so it may write files. It must not raise: the response is ready when it is called."""
+
+
 @dataclass(slots=True)
 class _Resolved:
     tenant: Tenant
@@ -80,6 +85,8 @@ class Gateway:
         # names its Host, served at `/`; and the Host a request without one is given.
         self.root_tenant: str | None = None
         self.default_host = ""
+        # `wagi --log-dir`: each run's stderr also goes to its route's file, as in WAGI.
+        self.guest_stderr: StderrSink | None = None
 
     async def handle(self, request: Request, body: RequestBody) -> Response:
         if request.path == HEALTH_PATH:
@@ -233,7 +240,10 @@ class Gateway:
             volumes=target.volumes,
             outbound=target.outbound,
         )
-        job = functools.partial(_run_and_respond, run_guest, tenant.policy)
+        stderr_sink = None
+        if self.guest_stderr is not None:
+            stderr_sink = functools.partial(self.guest_stderr, match.route.pattern)
+        job = functools.partial(_run_and_respond, run_guest, tenant.policy, stderr_sink)
         async with self.admission.admit(tenant.name, tenant.admission_limits):
             run, response, outcome = await self.guest_threads.run(job, long=prepared.last_run_long)
         prepared.last_run_long = run.slept or run.cpu_s >= LONG_JOB_S
@@ -243,12 +253,17 @@ class Gateway:
 
 
 def _run_and_respond(
-    run_guest: Callable[[], GuestRun], policy: Policy
+    run_guest: Callable[[], GuestRun],
+    policy: Policy,
+    stderr_sink: Callable[[bytes], None] | None = None,
 ) -> tuple[GuestRun, Response, Outcome]:
     """A guest thread's job: the run, then its response. Parsing the output grows with it
-    (up to the policy's header bounds), so it never runs on the event loop."""
+    (up to the policy's header bounds), and a stderr sink writes files, so neither runs on
+    the event loop."""
     run = run_guest()
     response, outcome = respond(run, policy)
+    if stderr_sink is not None and run.stderr:
+        stderr_sink(run.stderr)
     return run, response, outcome
 
 

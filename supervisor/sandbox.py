@@ -15,7 +15,8 @@ Replaced WASI functions (FACTS.md explains why each is needed):
   the policy's `max_poll_subscriptions` per call.
 
 Both are host work done holding the GIL, which the guest's own fuel does not count, so each
-call is charged to the guest's fuel (see `FUEL_PER_HOST_NS`) and checked against the
+call (and each outbound HTTP call, outbound/abi.py, by its measured CPU time) is charged to
+the guest's fuel (see `FUEL_PER_HOST_NS`) and checked against the
 deadline (see `_settle`): the epoch ticker is a Python thread, and guests hammering host
 calls starve it. Together, the guests of a process spend at most `HOST_SHARE` of the wall
 clock in host calls (`_HostTime`): the rest of the GIL is the event loop's.
@@ -292,8 +293,15 @@ class Sandbox:
         wasmtime_ext.define_host_function(linker, WASI_MODULE, "fd_write", 4, self._fd_write)
         wasmtime_ext.define_host_function(linker, WASI_MODULE, "poll_oneoff", 4, self._poll_oneoff)
         linker.allow_shadowing = False
-        outbound_abi.define(linker, self._outbound_session)
+        outbound_abi.define(linker, self._outbound_session, self._charge_host_work)
         return linker
+
+    def _charge_host_work(self, caller: int, ns: int) -> bool:
+        """Charge `ns` of another host function's work (outbound HTTP) like our own calls':
+        to the guest's fuel and the process's host-call share; False if the guest stopped."""
+        state: _RunState = self._local.state
+        state.fuel_owed += ns * FUEL_PER_HOST_NS
+        return state.fuel_owed < SETTLE_FUEL or _settle(caller, state)
 
     def _outbound_session(self) -> outbound_abi.Session:
         """The calling request's outbound session, made at its first outbound call."""

@@ -34,6 +34,7 @@ import logging
 import os
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -217,9 +218,16 @@ class _Retry:
 EMPTY_STATE = RegistryState(MappingProxyType({}), MappingProxyType({}), (), MappingProxyType({}))
 
 
-def parse_modules_toml(data: Mapping, *, source: str) -> list[ModuleSpec]:
+def parse_modules_toml(
+    data: Mapping, *, source: str, operator_paths: bool = False
+) -> list[ModuleSpec]:
     """Validate a parsed modules.toml: every key WAGI reads; a likely typo of one is an error,
-    any other unknown key is warned about once and ignored, as WAGI ignores it."""
+    any other unknown key is warned about once and ignored, as WAGI ignores it.
+
+    `operator_paths` (`wagi` mode, whose file is the operator's): as in WAGI, a `module` may be
+    a `file:` URL (made a path here) and a volume's folder any path, absolute or relative to
+    the working directory. Otherwise both stay inside the tenant's folder and are refused
+    here when they cannot."""
     _check_unknown_keys(source, "", data, {"module"})
     if "default_host" in data:
         unknown_keys.warn_once(source, "default_host", "WAGI never reads it; ignored")
@@ -250,7 +258,20 @@ def parse_modules_toml(data: Mapping, *, source: str) -> list[ModuleSpec]:
             validate_pattern(entry["route"])
         except RouteError as exc:
             raise ConfigError(source, f"{where}.route", str(exc)) from exc
-        volumes = policies.parse_volumes(source, entry.get("volumes", {}))
+        module = entry["module"]
+        if module[:5].lower() == "file:":
+            if not operator_paths:
+                raise ConfigError(
+                    source,
+                    f"{where}.module",
+                    "a file: URL is read only by `wasm-supervisor wagi`: a tenant's module is"
+                    " a path inside its folder",
+                )
+            module = _file_url_path(source, f"{where}.module", module)
+        if operator_paths:
+            volumes = _operator_volumes(source, where, entry.get("volumes", {}))
+        else:
+            volumes = policies.parse_volumes(source, entry.get("volumes", {}))
         allowed_hosts = _parse_allowed_hosts(source, where, entry.get("allowed_hosts"))
         concurrency = entry.get("http_max_concurrency")
         if concurrency is not None and (
@@ -262,7 +283,7 @@ def parse_modules_toml(data: Mapping, *, source: str) -> list[ModuleSpec]:
         specs.append(
             ModuleSpec(
                 route=entry["route"],
-                module=entry["module"],
+                module=module,
                 entrypoint=entry.get("entrypoint", DEFAULT_ENTRYPOINT),
                 argv=entry.get("argv"),
                 volumes=volumes,
@@ -271,6 +292,42 @@ def parse_modules_toml(data: Mapping, *, source: str) -> list[ModuleSpec]:
             )
         )
     return specs
+
+
+def _file_url_path(source: str, key: str, url: str) -> str:
+    """The local path a `file:` URL names, as WAGI reads it (`Url::to_file_path`): no host but
+    `localhost`; the path percent-decoded; query and fragment ignored."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.netloc not in ("", "localhost"):
+        raise ConfigError(
+            source,
+            key,
+            f"the file: URL {url!r} names the host {parts.netloc!r}: only a local file can be"
+            " read (file:///abs/path.wasm, or a path relative to the working directory)",
+        )
+    path = os.fsdecode(urllib.parse.unquote_to_bytes(parts.path))
+    if not path.strip("/") or "\0" in path:
+        raise ConfigError(source, key, f"the file: URL {url!r} names no file")
+    return path if path.startswith("/") else "/" + path  # `file:x.wasm` is `file:///x.wasm`
+
+
+def _operator_volumes(source: str, where: str, value: object) -> dict[str, str]:
+    """`wagi` mode's volumes: guest path -> any host folder, absolute or relative to the
+    working directory (`..` too), as WAGI opens them; the guest path as the policy's."""
+    if not isinstance(value, Mapping):
+        raise ConfigError(source, f"{where}.volumes", "must be a table")
+    volumes = {}
+    for guest, folder in value.items():
+        # The policy's own check and normal form of the guest path (the folder a stand-in).
+        (normal,) = policies.parse_volumes(source, {guest: "folder"})
+        if normal in volumes:
+            raise ConfigError(source, f"{where}.volumes", f"the guest path {normal!r} is twice")
+        if not isinstance(folder, str) or not folder or "\0" in folder:
+            raise ConfigError(
+                source, f"{where}.volumes.{normal}", "the folder must be a non-empty path"
+            )
+        volumes[normal] = folder
+    return volumes
 
 
 def _check_unknown_keys(source: str, prefix: str, table: Mapping, known: set[str]) -> None:
@@ -632,7 +689,11 @@ class TenantRegistry:
         tenant_dir = self.tenants_dir / name
         modules_file = tenant_dir / MODULES_FILE
         specs = (
-            parse_modules_toml(policies.read_toml(modules_file), source=str(modules_file))
+            parse_modules_toml(
+                policies.read_toml(modules_file),
+                source=str(modules_file),
+                operator_paths=self.operator_root is not None,
+            )
             if modules_file.exists()
             else []
         )
@@ -674,7 +735,10 @@ class TenantRegistry:
                 raise ConfigError(source, "sha256", f"{spec.module} does not hold that content")
             _check_entrypoint(exports, spec.entrypoint, source=source)
             volumes = policy_volumes + _resolve_volumes(
-                self.operator_root or tenant_dir, spec.volumes, source=source
+                self.operator_root or tenant_dir,
+                spec.volumes,
+                source=source,
+                confined=self.operator_root is None,
             )
             grant = None
             if spec.allowed_hosts is not None:
@@ -1086,6 +1150,7 @@ def _manifest_spec(record: store.ModuleRecord) -> ModuleSpec:
         version.volumes,
         declared_routes=version.declared_routes,
         allowed_hosts=version.allowed_hosts,
+        http_max_concurrency=version.http_max_concurrency,
     )
 
 
@@ -1159,15 +1224,19 @@ def _check_entrypoint(exports: frozenset[str] | None, entrypoint: str, *, source
 
 
 def _resolve_volumes(
-    tenant_dir: Path, volumes: Mapping[str, str], *, source: str
+    tenant_dir: Path, volumes: Mapping[str, str], *, source: str, confined: bool = True
 ) -> tuple[Volume, ...]:
+    """Each volume's folder under `tenant_dir`; not `confined` (`wagi` mode), any folder,
+    absolute or relative to it."""
     if not volumes:  # most modules: no `resolve` (a few stat calls) per module at start
         return ()
     resolved = []
     root = tenant_dir.resolve()
     for guest_path, folder in volumes.items():
         host = (tenant_dir / folder).resolve()
-        if not host.is_relative_to(root) or not host.is_dir():
+        if not confined and not host.is_dir():
+            raise ConfigError(source, f"volumes.{guest_path}", f"{str(host)!r} is not a folder")
+        if confined and (not host.is_relative_to(root) or not host.is_dir()):
             raise ConfigError(
                 source, f"volumes.{guest_path}", f"{folder!r} is not a folder inside {tenant_dir}"
             )

@@ -13,6 +13,7 @@ any tenant folder.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -32,6 +33,10 @@ TENANT = "wagi"
 DEFAULT_LISTEN = "127.0.0.1:3000"  # WAGI's
 DEFAULT_HOSTNAME = "localhost:3000"  # WAGI's, for a request without a Host header
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"  # serve's text format
+STDERR_FILE = "module.stderr"  # WAGI's name for a route's guest stderr under --log-dir
+SERVER_LOG_FILE = "wagi.log"  # the process log's copy under --log-dir
+
+log = logging.getLogger("supervisor.wagi")
 
 WAGI_POLICY: Mapping[str, object] = {
     # WAGI had no limits; these let WAGI apps run as before while a runaway guest still ends.
@@ -116,7 +121,9 @@ def _app_config(args: argparse.Namespace, private: Path) -> app.AppConfig:
     if args.config is None:
         raise WagiError("-c/--config MODULES_TOML is required")
     config_file = args.config.resolve()
-    specs = parse_modules_toml(policies.read_toml(config_file), source=str(args.config))
+    specs = parse_modules_toml(
+        policies.read_toml(config_file), source=str(args.config), operator_paths=True
+    )
     host, sep, port = args.listen.rpartition(":")
     if not sep or not port.isdigit():
         raise WagiError(f"-l/--listen: expected IP:PORT, got {args.listen!r}")
@@ -150,6 +157,7 @@ def _app_config(args: argparse.Namespace, private: Path) -> app.AppConfig:
         root_tenant=TENANT,
         default_host=args.hostname,
         operator_root=Path.cwd(),
+        guest_stderr=None if args.log_dir is None else ModuleStderrFiles(args.log_dir),
     )
 
 
@@ -167,13 +175,21 @@ def _parse_env(items: list[str], *, source: str) -> dict[str, str]:
 
 
 def _read_env_file(path: Path) -> dict[str, str]:
-    """A `.env` file: NAME=VALUE lines; blank lines and `#` comments skipped."""
+    """A `.env` file: `NAME=VALUE` lines, `export ` before them allowed; blank lines and `#`
+    comments skipped. Spaces around the `=` are dropped: WAGI's own docs show
+    `TEST_NAME = "test value"`, which its reader (env-file-reader 0.2) skipped silently."""
     try:
         lines = path.read_text().splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise WagiError(f"--env-file {path}: {exc}") from None
-    items = [line.strip() for line in lines]
-    return _parse_env([i for i in items if i and not i.startswith("#")], source=str(path))
+    items = []
+    for line in lines:
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, value = line.removeprefix("export ").partition("=")
+        items.append(f"{name.strip()}{sep}{value.strip()}")
+    return _parse_env(items, source=str(path))
 
 
 def _toml(table: Mapping[str, object]) -> str:
@@ -189,9 +205,41 @@ def _toml(table: Mapping[str, object]) -> str:
 
 
 def _log_to(folder: Path) -> None:
-    """--log-dir: the process log, which carries each request's guest stderr, also goes to
-    DIR/wagi.log (WAGI wrote one `module.stderr` per module there)."""
+    """--log-dir: the process log also goes to DIR/wagi.log (the guests' stderr goes to
+    their routes' files, `ModuleStderrFiles`)."""
     folder.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(folder / "wagi.log")
+    handler = logging.FileHandler(folder / SERVER_LOG_FILE)
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     logging.getLogger().addHandler(handler)
+
+
+class ModuleStderrFiles:
+    """--log-dir laid out as WAGI lays it out, so its users find their guests' stderr where
+    they looked before: each request's stderr appended, as written, to
+    DIR/<hex sha256 of the matched route as written>/module.stderr (WAGI's
+    `prepare_stdio_streams` and `RoutingTableEntry::unique_key`; a `_routes` entry's route is
+    the joined one). Each request adds at most the policy's `max_stderr_bytes`, the bound the
+    stderr is held to anyway; the file grows as WAGI's did (rotate it as any log)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def path(self, route: str) -> Path:
+        return self.folder / hashlib.sha256(route.encode()).hexdigest() / STDERR_FILE
+
+    def __call__(self, route: str, data: bytes) -> None:
+        """Append `data` (a gateway `StderrSink`: in the guest thread, never raises)."""
+        path = self.path(route)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                view = memoryview(data)
+                while view:  # one write on a local file; the loop covers a short one
+                    view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
+        except OSError as exc:  # the response is ready; the log says what was lost
+            log.warning(
+                "route %s: %d bytes of stderr not written to %s: %s", route, len(data), path, exc
+            )

@@ -16,6 +16,7 @@ import pytest
 import trio
 from conftest import REPO
 from nats_server import free_port, run_nats
+from tcp_relay import relay_to
 from test_admin import OPERATOR, admin_tenant, greeter, module_url, start_admin, upload
 from test_admin_multipod import served_within
 
@@ -191,6 +192,43 @@ async def test_nats_going_away_fails_no_request_for_a_loaded_module(
             await trio.sleep(0.1)
     assert response.status_code == 201, response.text
     await served_within(pod_b.client, "/acme/m", "after\n")
+
+
+async def test_changes_made_while_one_pod_was_cut_off_reach_it_when_it_reconnects(
+    workspace, start_supervisor, nats
+):
+    """Pod B reaches NATS through a relay that is cut while pod A changes the tenant (an
+    upload and a deletion): B keeps serving what it had, and when the relay is back B's
+    watch is re-created and its replay reconciles both changes; a change after that arrives
+    as usual."""
+    admin_tenant(workspace, "acme")
+    pod_a = await start_pod(start_supervisor, workspace, nats, "a")
+    with relay_to(nats.port) as relay:
+        pod_b = await start_admin(
+            start_supervisor,
+            cache_dir=workspace.root / "cache-b",
+            store=StoreSettings.parse(f"nats://127.0.0.1:{relay.port}"),
+        )
+        store_b = pod_b.app.registry.uploads
+        await upload(pod_a.client, "acme", "m", greeter("one"), route="/m")
+        await upload(pod_a.client, "acme", "gone", greeter("gone"), route="/gone")
+        await served_within(pod_b.client, "/acme/m", "one\n")
+        await served_within(pod_b.client, "/acme/gone", "gone\n")
+
+        await trio.to_thread.run_sync(relay.cut)
+        with trio.fail_after(RETURN_S):
+            while store_b.connection.connected:
+                await trio.sleep(0.02)
+        assert (await upload(pod_a.client, "acme", "m", greeter("two"))).status_code == 201
+        deleted = await pod_a.client.delete(module_url("acme", "gone"), headers=OPERATOR)
+        assert deleted.status_code == 200, deleted.text
+        assert (await pod_b.client.get("/acme/m")).text == "one\n"  # served while cut off
+
+        await trio.to_thread.run_sync(relay.restore)
+        await served_within(pod_b.client, "/acme/m", "two\n")
+        await served_within(pod_b.client, "/acme/gone", 404)
+        await upload(pod_a.client, "acme", "m", greeter("three"))
+        await served_within(pod_b.client, "/acme/m", "three\n")
 
 
 async def test_a_supervisor_started_while_nats_is_down_is_unready_until_it_returns(

@@ -3,8 +3,10 @@ unchanged in a subprocess from the folder holding them, over real HTTP (and HTTP
 
 from __future__ import annotations
 
+import hashlib
 import http.server
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -158,6 +160,18 @@ async def test_hostname_and_several_env_values_per_flag(app_dir: Path):
     assert all(line in raw for line in ("\nA=1\n", "\nB=2\n", "\nC=3\n"))
 
 
+async def test_the_env_file_of_wagis_docs_sets_its_values(app_dir: Path):
+    """configuring_and_running.md's env.txt, spaces around `=` and quotes as written there,
+    given with `wagi --env-file env.txt`; `export NAME=...` lines as a shell would source."""
+    text = 'TEST_NAME = "test value"\nANOTHER_NAME = "another value"\nexport SHELL_STYLE=\'yes\'\n'
+    (app_dir / "env.txt").write_text(text)
+    args = ["-c", "modules.toml", "-l", "127.0.0.1:0", "--env-file", "env.txt"]
+    async with wagi(app_dir, args) as (url, _), httpx.AsyncClient(base_url=url) as client:
+        env = variables((await client.get("/env")).text)
+    seen = (env["TEST_NAME"], env["ANOTHER_NAME"], env["SHELL_STYLE"])
+    assert seen == ("test value", "another value", "yes")
+
+
 def upstream() -> Iterator[int]:
     """A plain HTTP upstream on 127.0.0.1 answering every GET with 200 `hi`."""
 
@@ -224,22 +238,93 @@ async def test_tls_from_wagis_environment_variables(app_dir: Path):
         assert env_seen["X_FULL_URL"] == f"{url}/env"
 
 
-async def test_log_dir_holds_the_guests_stderr(app_dir: Path):
-    (app_dir / "examples" / "stderr.wat").write_bytes((GUESTS / "stderr.wat").read_bytes())
-    text = WAGI_EXAMPLE + '\n[[module]]\nroute = "/err"\nmodule = "examples/stderr.wat"\n'
-    (app_dir / "modules.toml").write_text(text)
+STDERR_GUEST = r"""(module
+  (import "wasi_snapshot_preview1" "fd_write" (func $w (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 64) "oops\tfrom the guest\n")
+  (data (i32.const 96) "content-type: text/plain\n\nok\n")
+  (func (export "_start")
+    (i32.store (i32.const 0) (i32.const 64))
+    (i32.store (i32.const 4) (i32.const 20))
+    (drop (call $w (i32.const 2) (i32.const 0) (i32.const 1) (i32.const 8)))
+    (i32.store (i32.const 0) (i32.const 96))
+    (i32.store (i32.const 4) (i32.const 29))
+    (drop (call $w (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))
+"""
+"""Writes `oops<TAB>from the guest<LF>` (20 bytes) to stderr, then answers `ok`."""
+
+
+def module_stderr(log_dir: Path, route: str) -> Path:
+    """Where WAGI 0.8.1 puts a route's guest stderr: a folder named by the hex SHA-256 of the
+    route as written (`RoutingTableEntry::unique_key`), file `module.stderr`."""
+    return log_dir / hashlib.sha256(route.encode()).hexdigest() / "module.stderr"
+
+
+async def test_log_dir_holds_each_routes_guest_stderr_in_its_module_stderr(app_dir: Path):
+    (app_dir / "examples" / "stderr.wat").write_text(STDERR_GUEST)
+    routes = '[[module]]\nroute = "{}"\nmodule = "examples/stderr.wat"\n'
+    (app_dir / "modules.toml").write_text(routes.format("/err") + routes.format("/api/..."))
+    (app_dir.parent / "small.toml").write_text("max_stderr_bytes = 8\n")
     logs = app_dir.parent / "logs"
+    args = ["-c", "modules.toml", "-l", "127.0.0.1:0", "--log-dir", str(logs)]
+    async with wagi(app_dir, args) as (url, _), httpx.AsyncClient(base_url=url) as client:
+        for path in ("/err", "/err", "/api/x/y"):
+            response = await client.get(path)
+            assert (response.status_code, response.text) == (200, "ok\n")
+    # Appended per request, byte for byte (not escaped as a log line is), one file per route.
+    assert module_stderr(logs, "/err").read_bytes() == b"oops\tfrom the guest\n" * 2
+    assert module_stderr(logs, "/api/...").read_bytes() == b"oops\tfrom the guest\n"
+    assert "serving on" in (logs / "wagi.log").read_text()  # the server's own log stays
+    # Bounded as stderr is: at most the policy's max_stderr_bytes per request.
+    args += ["--policy", "../small.toml"]
+    async with wagi(app_dir, args) as (url, _), httpx.AsyncClient(base_url=url) as client:
+        assert (await client.get("/api/")).status_code == 200
+    assert module_stderr(logs, "/api/...").read_bytes() == b"oops\tfrom the guest\noops\tfro"
+
+
+async def test_absolute_volumes_and_file_urls_name_the_operators_own_files(app_dir: Path):
+    """As in WAGI: a module given as a `file:` URL (percent-encoded, or with `localhost`), a
+    volume folder given as an absolute path or as a path from the working directory."""
+    site = app_dir.parent / "elsewhere" / "my site"
+    shutil.copytree(DEMO / "static", site / "static")
+    shutil.copyfile(DEMO / "site.wat", site / "site guest.wat")
+    file_url = (site / "site guest.wat").as_uri()
+    assert "%20" in file_url
+    localhost = file_url.replace("file:///", "file://localhost/")
+    text = (
+        WAGI_EXAMPLE
+        + f"""
+[[module]]
+route = "/site/..."
+module = "{file_url}"
+volumes = {{"/static" = "{site / "static"}"}}
+
+[[module]]
+route = "/up/..."
+module = "{localhost}"
+volumes = {{"/static" = "../elsewhere/my site/static"}}
+"""
+    )
+    (app_dir / "modules.toml").write_text(text)
+    about = (site / "static" / "about.txt").read_bytes()
     async with (
-        wagi(app_dir, ["-c", "modules.toml", "-l", "127.0.0.1:0", "--log-dir", str(logs)]) as (
-            url,
-            _,
-        ),
+        wagi(app_dir, ["-c", "modules.toml", "-l", "127.0.0.1:0"]) as (url, _),
         httpx.AsyncClient(base_url=url) as client,
     ):
-        await client.get("/err")
-        with trio.fail_after(10):
-            while "stderr:" not in (logs / "wagi.log").read_text():
-                await trio.sleep(POLL_S)
+        for path in ("/site/about.txt", "/up/about.txt"):
+            response = await client.get(path)
+            assert (path, response.status_code, response.content) == (path, 200, about)
+        assert (await client.get("/bar")).text == "from alt\n"
+
+
+def test_a_file_url_naming_a_host_stops_wagi(app_dir: Path):
+    entry = '[[module]]\nroute = "/"\nmodule = "file://server/share/x.wasm"\n'
+    (app_dir / "modules.toml").write_text(entry)
+    result = run_wagi(app_dir, "-c", "modules.toml", "-l", "127.0.0.1:0")
+    assert result.returncode == 2
+    assert "module[0].module: the file: URL 'file://server/share/x.wasm' names the host" in (
+        result.stderr
+    )
 
 
 def run_wagi(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -8,6 +8,7 @@ import logging
 import shutil
 
 import pytest
+import trio
 
 from supervisor.errors import ConfigError
 from supervisor.tenants import parse_modules_toml
@@ -146,3 +147,71 @@ async def test_a_bindle_module_in_a_served_file_is_reported(workspace, start_sup
     running = await start_supervisor()
     message = await until_error(running, "demo")
     assert "module[0].module: Bindle is gone" in message
+
+
+# Paths outside the tenant's folder: `wagi` mode's alone (the operator's own file).
+
+
+@pytest.mark.parametrize(
+    ("url", "path"),
+    [
+        ("file:///srv/app/x.wasm", "/srv/app/x.wasm"),
+        ("file://localhost/srv/my%20app/x.wat?v=1#top", "/srv/my app/x.wat"),
+        ("FILE:/srv/x.wasm", "/srv/x.wasm"),
+        ("file:x.wasm", "/x.wasm"),  # as `Url::parse` reads it: file:///x.wasm
+    ],
+)
+def test_wagi_mode_reads_a_file_url_as_wagi_does(url, path):
+    (spec,) = parse_modules_toml(
+        {"module": [{"route": "/x", "module": url}]}, source="m", operator_paths=True
+    )
+    assert spec.module == path
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("file://server/share/x.wasm", "names the host 'server': only a local file"),
+        ("file:///", "names no file"),
+    ],
+)
+def test_wagi_mode_refuses_a_file_url_it_cannot_read(url, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        parse_modules_toml(
+            {"module": [{"route": "/x", "module": url}]}, source="m", operator_paths=True
+        )
+    assert str(info.value).startswith("m: module[0].module: the file: URL")
+
+
+def test_wagi_mode_takes_any_volume_folder_and_checks_the_guest_path():
+    entry = {**ENTRY, "volumes": {"/data/": "/srv/data", "/up": "../shared"}}
+    (spec,) = parse_modules_toml({"module": [entry]}, source="m", operator_paths=True)
+    assert dict(spec.volumes) == {"/data": "/srv/data", "/up": "../shared"}
+    with pytest.raises(ConfigError, match="the guest path must be absolute"):
+        parse_modules_toml(
+            {"module": [{**ENTRY, "volumes": {"data": "/srv"}}]}, source="m", operator_paths=True
+        )
+
+
+async def test_a_tenants_file_url_and_absolute_volume_stay_refused(
+    workspace, start_supervisor, tmp_path
+):
+    """In `serve` mode a tenant's files stay inside its folder: the server says why."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.copyfile(GUESTS / "entry.wat", outside / "entry.wat")
+    url = (outside / "entry.wat").as_uri()
+    folder = write_tenant(workspace, f'[[module]]\nroute = "/x"\nmodule = "{url}"\n')
+    running = await start_supervisor()
+    message = await until_error(running, "demo")
+    assert "module[0].module: a file: URL is read only by `wasm-supervisor wagi`" in message
+    entry = f'[[module]]\nroute = "/x"\nmodule = "entry.wat"\nvolumes = {{"/d" = "{outside}"}}\n'
+    (folder / "modules.toml").write_text(entry)
+    with trio.fail_after(30):
+        while "not absolute" not in running.app.registry.state.errors.get("demo", ""):
+            await trio.sleep(0.02)
+    assert (
+        'volumes."/d": the folder must be relative to the tenant\'s folder'
+        in (running.app.registry.state.errors["demo"])
+    )
+    assert (await running.client.get("/demo/x")).status_code == 404

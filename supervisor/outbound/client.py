@@ -9,22 +9,33 @@ judges each address the connection is about to be made to, after resolution, so 
 resolves to a public address when checked and to a private one when used (DNS rebinding) is
 refused: there is no other resolution.
 
-Every timeout is the time left before the guest's deadline, read again at each connect, read
-and write (a timeout mapping computed when asked), so a trickling upstream cannot keep a
-guest past its deadline.
+Every timeout is the time left before the guest's deadline, read again at each name lookup,
+connect, read and write (a timeout mapping computed when asked), so neither a dead resolver
+nor a trickling upstream can keep a guest past its deadline. Name lookups run in a few
+threads of their own (`Resolver`): `getaddrinfo` cannot be interrupted, so a guest waits for
+it at most its time left, and a lookup that never returns holds one of `RESOLVER_THREADS`,
+never the guest.
+
+The process holds at most `MAX_CONNECTIONS` outbound connections, all tenants together.
+When all are taken, the least recently used idle one (any tenant's) is closed to make room,
+so tenants that stopped calling never lock out one that calls; idle connections also close
+after `KEEPALIVE_S`, swept by a thread, since a pool left alone never looks at its own.
 
 Proxies and CAs, as operators set them in the server's environment (read once, at start):
 `HTTPS_PROXY`/`HTTP_PROXY` (and lower-case forms) with `NO_PROXY`, and `SSL_CERT_FILE`/
 `SSL_CERT_DIR` (OpenSSL's default verify paths). The proxy is the operator's: connections to it
-are exempt from the guard, and through it the target's address is resolved by the proxy, so the
-guard cannot judge it; the allow rules still apply to the target the guest asked for. An
-operator who needs the guard behind a proxy filters private ranges on the proxy, or lists the
-internal names in `NO_PROXY`, so that those requests go direct and are guarded here.
+are exempt from the guard, and through it a target's name is resolved by the proxy, so the
+guard cannot judge the address; a target given as an IP address is judged before it is sent
+to the proxy, and the allow rules still apply to the target the guest asked for. An operator
+who needs the guard behind a proxy filters private ranges on the proxy, or lists the internal
+names in `NO_PROXY`, so that those requests go direct and are guarded here.
 """
 
 from __future__ import annotations
 
 import bisect
+import ipaddress
+import logging
 import socket
 import ssl
 import threading
@@ -39,18 +50,31 @@ import httpx
 
 from .rules import AllowList, address_allowed
 
+log = logging.getLogger("supervisor.outbound")
+
 MAX_REDIRECTS = 10
 """Hops followed for one request (reqwest's and WAGI's default), each checked again."""
 MAX_CONNECTIONS = 32
 """Outbound connections open at once in this process, all tenants, in use or kept alive: the
 descriptors the server's connection limit sets aside for them (app.py). A guest makes one
 call at a time, so those in use are at most the execution slots; the rest are kept alive for
-the next calls. Past it a new connection fails (11) until one closes."""
+the next calls, and the least recently used of them is closed when a new one needs its place.
+Only when all are in use does a new connection fail (11)."""
 KEEPALIVE_PER_POOL = 4
 """Idle connections a tenant's pool keeps for its next calls; more are closed when released."""
 KEEPALIVE_S = 30.0
 """An idle pooled connection is closed after this: kept alive for a tenant's next calls, not
 holding descriptors for a tenant that stopped calling."""
+SWEEP_INTERVAL_S = 1.0
+"""How often idle connections are checked for an expired keep-alive (or a closed peer)."""
+RESOLVER_THREADS = 8
+"""Name lookups in progress at once in this process. `getaddrinfo` cannot be interrupted, so
+a lookup stuck on a dead resolver keeps its thread (not the guest) until the system's own
+timeout; when all are stuck, a lookup fails at once (11) instead of starting more threads."""
+RESOLVE_TIMEOUT_S = 5.0
+"""The longest wait for a name lookup, when the guest has that much time left: past it the
+request fails (11) and the guest may try again or answer without it. glibc waits 5 s for a
+name server (resolv.conf's `timeout`) before it tries the next."""
 MIN_TIMEOUT_S = 0.001
 """A timeout of 0 means "no timeout" to sockets; past the deadline we wait this instead."""
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -115,23 +139,124 @@ class _TimeLeft(dict):
         return max(MIN_TIMEOUT_S, self.deadline - time.monotonic())
 
 
+class _TrackedConnection(httpcore.ConnectionInterface):
+    """A pooled connection that another thread may close while it is idle (`close_if_idle`),
+    without racing the pool handing it to a request: a request that finds it closed is
+    retried by the pool on another connection (httpcore's `ConnectionNotAvailable`)."""
+
+    def __init__(self, connection: httpcore.ConnectionInterface) -> None:
+        self._connection = connection
+        self._lock = threading.Lock()
+        self._starting = False  # a request is being handed to it: not idle, whatever it says
+        self._closed_idle = False
+        self.last_used = time.monotonic()
+
+    def handle_request(self, request: httpcore.Request) -> httpcore.Response:
+        with self._lock:
+            if self._closed_idle:
+                raise httpcore.ConnectionNotAvailable()
+            self._starting = True
+            self.last_used = time.monotonic()
+        try:
+            return self._connection.handle_request(request)
+        finally:
+            self._starting = False  # from here on the connection's own state says
+
+    def close_if_idle(self, *, expired_only: bool = False) -> bool:
+        """Close it if it is idle (and, with `expired_only`, past its keep-alive)."""
+        with self._lock:
+            if self._closed_idle or self._starting or not self._connection.is_idle():
+                return False
+            if expired_only and not self._connection.has_expired():
+                return False
+            self._closed_idle = True
+        self._connection.close()
+        return True
+
+    def close(self) -> None:
+        self._connection.close()
+
+    def can_handle_request(self, origin: httpcore.Origin) -> bool:
+        return self._connection.can_handle_request(origin)
+
+    def is_available(self) -> bool:
+        return not self._closed_idle and self._connection.is_available()
+
+    def has_expired(self) -> bool:
+        return self._connection.has_expired()
+
+    def is_idle(self) -> bool:
+        return not self._closed_idle and self._connection.is_idle()
+
+    def is_closed(self) -> bool:
+        return self._closed_idle or self._connection.is_closed()
+
+    def info(self) -> str:
+        return self._connection.info()
+
+
+class _Pool(httpcore.ConnectionPool):
+    """A tenant's pool whose connections the process-wide count can close when idle."""
+
+    def create_connection(self, origin: httpcore.Origin) -> httpcore.ConnectionInterface:
+        connection = _TrackedConnection(super().create_connection(origin))
+        OPEN_CONNECTIONS.track(connection)
+        return connection
+
+
 class _ConnectionCount:
-    """Outbound connections open in this process, bounded by `MAX_CONNECTIONS`."""
+    """Outbound connections open in this process, bounded by `MAX_CONNECTIONS`: when all
+    places are taken, the least recently used idle connection of any pool is closed to give
+    its place to a new one; idle connections past their keep-alive are closed by a sweeper
+    thread (started with the first connection)."""
 
     def __init__(self) -> None:
         self.open = 0
         self._lock = threading.Lock()
+        self._connections: weakref.WeakSet[_TrackedConnection] = weakref.WeakSet()
+        self._sweeper: threading.Thread | None = None
+
+    def track(self, connection: _TrackedConnection) -> None:
+        with self._lock:
+            self._connections.add(connection)
+            if self._sweeper is None:
+                self._sweeper = threading.Thread(
+                    target=self._sweep_forever, name="outbound-keepalive", daemon=True
+                )
+                self._sweeper.start()
 
     def take(self) -> bool:
-        with self._lock:
-            if self.open >= MAX_CONNECTIONS:
+        """Take a place, closing idle connections for it if need be; False if none is free."""
+        while True:
+            with self._lock:
+                if self.open < MAX_CONNECTIONS:
+                    self.open += 1
+                    return True
+                idle = sorted(
+                    (c for c in self._connections if c.is_idle()), key=lambda c: c.last_used
+                )
+            # Another thread may take the place given back first: then close the next one.
+            if not any(connection.close_if_idle() for connection in idle):
                 return False
-            self.open += 1
-            return True
 
     def give_back(self) -> None:
         with self._lock:
             self.open -= 1
+
+    def sweep(self) -> None:
+        """Close the idle connections whose keep-alive has expired."""
+        with self._lock:
+            connections = list(self._connections)
+        for connection in connections:
+            connection.close_if_idle(expired_only=True)
+
+    def _sweep_forever(self) -> None:
+        while True:
+            time.sleep(SWEEP_INTERVAL_S)
+            try:
+                self.sweep()
+            except Exception:  # a sweep that fails must not end the sweeper
+                log.exception("closing expired outbound connections failed")
 
 
 OPEN_CONNECTIONS = _ConnectionCount()
@@ -168,8 +293,79 @@ class _CountedStream(httpcore.NetworkStream):
         return self._stream.get_extra_info(info)
 
 
+class _Lookup:
+    """One name lookup's result, handed from its thread to the guest's."""
+
+    __slots__ = ("addresses", "done", "error")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.addresses: list[str] = []
+        self.error: Exception | None = None
+
+
+class Resolver:
+    """Name lookups bounded by a timeout, in at most `RESOLVER_THREADS` threads at once.
+
+    Each lookup runs `socket.getaddrinfo` in a daemon thread of its own (a stuck one never
+    holds up the process's exit) and is waited for at most the time given; the thread ends
+    when the lookup does. An IP address needs no lookup and gets no thread.
+    """
+
+    def __init__(self) -> None:
+        self._busy = 0
+        self._lock = threading.Lock()
+
+    def addresses(self, host: str, port: int, timeout: float | None) -> list[str]:
+        """The addresses `host` resolves to, in the resolver's order; raises httpcore's
+        ConnectError (no answer, or every lookup thread busy) or ConnectTimeout."""
+        try:
+            return [str(ipaddress.ip_address(host))]
+        except ValueError:
+            pass
+        with self._lock:
+            if self._busy >= RESOLVER_THREADS:
+                raise httpcore.ConnectError(
+                    f"cannot resolve {host}: all {RESOLVER_THREADS} name lookup threads are"
+                    " waiting for the resolver"
+                )
+            self._busy += 1
+        lookup = _Lookup()
+        try:
+            threading.Thread(
+                target=self._run, args=(host, port, lookup), name="outbound-resolver", daemon=True
+            ).start()
+        except BaseException:
+            self._done()
+            raise
+        wait = RESOLVE_TIMEOUT_S if timeout is None else min(timeout, RESOLVE_TIMEOUT_S)
+        if not lookup.done.wait(wait):
+            raise httpcore.ConnectTimeout(f"resolving {host} took more than {wait:.3f} s")
+        if lookup.error is not None:
+            raise httpcore.ConnectError(f"cannot resolve {host}: {lookup.error}")
+        return lookup.addresses
+
+    def _run(self, host: str, port: int, lookup: _Lookup) -> None:
+        try:
+            found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            lookup.addresses = [str(info[4][0]) for info in found]
+        except Exception as exc:  # OSError, UnicodeError: the guest gets 11, never a raise
+            lookup.error = exc
+        finally:
+            self._done()
+            lookup.done.set()
+
+    def _done(self) -> None:
+        with self._lock:
+            self._busy -= 1
+
+
+RESOLVER = Resolver()
+
+
 class _GuardedBackend(httpcore.SyncBackend):
-    """Resolves a host itself and connects only to an address the SSRF guard admits."""
+    """Resolves a host itself (bounded by the deadline) and connects only to an address the
+    SSRF guard admits; the proxy's own addresses are exempt."""
 
     def __init__(self, named_exactly: frozenset[str], proxies: frozenset[tuple[str, int]]):
         self._named_exactly = named_exactly
@@ -186,23 +382,22 @@ class _GuardedBackend(httpcore.SyncBackend):
         return _CountedStream(stream)  # the place is the stream's until it closes
 
     def _connect(self, host, port, timeout, local_address, socket_options):
-        if (host, port) in self._proxies:
-            return super().connect_tcp(host, port, timeout, local_address, socket_options)
-        try:
-            found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except OSError as exc:
-            raise httpcore.ConnectError(f"cannot resolve {host}: {exc}") from None
-        addresses = [info[4][0] for info in found]
-        allowed = [a for a in addresses if address_allowed(host, a, self._named_exactly)]
-        if not allowed:
-            raise _AddressRefused(f"{host} resolves only to addresses the SSRF guard refuses")
+        started = time.monotonic()
+        addresses = RESOLVER.addresses(host, port, timeout)
+        if (host, port) not in self._proxies:
+            addresses = [a for a in addresses if address_allowed(host, a, self._named_exactly)]
+            if not addresses:
+                raise _AddressRefused(f"{host} resolves only to addresses the SSRF guard refuses")
+        ends = None if timeout is None else started + timeout
         failure: Exception | None = None
-        for address in dict.fromkeys(allowed):
+        for address in dict.fromkeys(addresses):
+            # The lookup and the addresses tried before took part of the time given.
+            left = None if ends is None else max(MIN_TIMEOUT_S, ends - time.monotonic())
             try:
-                return super().connect_tcp(address, port, timeout, local_address, socket_options)
+                return super().connect_tcp(address, port, left, local_address, socket_options)
             except httpcore.ConnectError as exc:
                 failure = exc
-        raise failure  # type: ignore[misc]
+        raise failure or httpcore.ConnectError(f"{host} resolves to no address")
 
 
 @dataclass(slots=True)
@@ -321,7 +516,10 @@ class TenantClient:
             port=url.port,
             target=url.raw_path,
         )
-        pool = self._pool_for(url)
+        proxy = self._proxy_for(url)
+        if proxy is not None and not self._literal_allowed(url.host):
+            raise Denied(f"{url.host} is an address the SSRF guard refuses")
+        pool = self._pool(proxy)
         try:
             with pool.stream(
                 method,
@@ -355,18 +553,30 @@ class TenantClient:
                 raise DeadlineReached("the guest's deadline passed during the request") from None
             raise OutboundError(f"{type(exc).__name__}: {exc}") from None
 
-    def _pool_for(self, url: httpx.URL) -> httpcore.ConnectionPool:
+    def _proxy_for(self, url: httpx.URL) -> str | None:
+        """The proxy `url` goes through: its scheme's, unless NO_PROXY names its host."""
         proxy = self._proxies.get(url.scheme)
         if proxy is not None and urllib.request.proxy_bypass_environment(
             url.host, self._proxy_settings
         ):
-            proxy = None
+            return None
+        return proxy
+
+    def _literal_allowed(self, host: str) -> bool:
+        """Through a proxy the guard sees no address, except a target given as one."""
+        try:
+            ipaddress.ip_address(host.partition("%")[0])
+        except ValueError:
+            return True  # a name: the proxy resolves it
+        return address_allowed(host, host, self.policy_rules.exact_hosts)
+
+    def _pool(self, proxy: str | None) -> httpcore.ConnectionPool:
         pool = self._pools.get(proxy)
         if pool is None:
             with self._pools_lock:
                 pool = self._pools.get(proxy)
                 if pool is None:
-                    pool = self._pools[proxy] = httpcore.ConnectionPool(
+                    pool = self._pools[proxy] = _Pool(
                         ssl_context=self._ssl,
                         proxy=httpcore.Proxy(proxy, ssl_context=self._ssl) if proxy else None,
                         max_connections=self.max_in_flight,

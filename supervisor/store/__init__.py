@@ -63,6 +63,7 @@ import mmap
 import os
 import re
 import struct
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -120,6 +121,11 @@ _VERSION_KEYS = frozenset(
 _DECLARED_ROUTES = "declared_routes"
 _ALLOWED_HOSTS = "allowed_hosts"
 """A version's outbound HTTP patterns (the upload's `allowed_host=`); absent: no requests."""
+_HTTP_MAX_CONCURRENCY = "http_max_concurrency"
+"""Outbound responses a guest of the version may hold open at once (the upload's
+`http_max_concurrency=`, modules.toml's key); absent: only the policy's caps."""
+_OPTIONAL_KEYS = (_ALLOWED_HOSTS, _HTTP_MAX_CONCURRENCY)
+"""Keys the admin API always shows (null when unset) but a manifest holds only when set."""
 _TOP_KEYS = frozenset({"format", "modules", "deleted"})
 
 DeclaredRoutes = tuple[tuple[str, str], ...]
@@ -144,6 +150,7 @@ class ModuleVersion:
     declared_routes: DeclaredRoutes | None = None  # None: not known (a format 1 manifest)
     unknown: Mapping[str, Any] = field(default_factory=dict)  # keys of a newer revision
     allowed_hosts: tuple[str, ...] | None = None  # outbound HTTP patterns; None: no requests
+    http_max_concurrency: int | None = None  # outbound responses held at once; None: no cap
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "volumes", MappingProxyType(dict(self.volumes)))
@@ -163,6 +170,7 @@ class ModuleVersion:
             self.argv,
             dict(self.volumes),
             self.allowed_hosts,
+            self.http_max_concurrency,
         ) == (
             other.sha256,
             other.route,
@@ -170,6 +178,7 @@ class ModuleVersion:
             other.argv,
             dict(other.volumes),
             other.allowed_hosts,
+            other.http_max_concurrency,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -182,15 +191,19 @@ class ModuleVersion:
             "volumes": dict(self.volumes),
             "uploaded_at": self.uploaded_at,
             "compile_s": self.compile_s,
+            _ALLOWED_HOSTS: None if self.allowed_hosts is None else list(self.allowed_hosts),
+            _HTTP_MAX_CONCURRENCY: self.http_max_concurrency,
         }
 
     def stored(self) -> dict[str, Any]:
-        """The version as the manifest holds it: `to_dict`, its routes, the keys kept."""
+        """The version as the manifest holds it: `to_dict` without its unset optional keys,
+        its routes, the keys kept."""
         document = {**self.unknown, **self.to_dict()}
+        for key in _OPTIONAL_KEYS:
+            if document[key] is None:
+                del document[key]
         if self.declared_routes is not None:
             document[_DECLARED_ROUTES] = [list(pair) for pair in self.declared_routes]
-        if self.allowed_hosts is not None:
-            document[_ALLOWED_HOSTS] = list(self.allowed_hosts)
         return document
 
 
@@ -361,10 +374,13 @@ def _parse_version(entry: object, *, source: str, key: str) -> ModuleVersion:
         unknown={
             name: value
             for name, value in entry.items()
-            if name not in _VERSION_KEYS and name not in (_DECLARED_ROUTES, _ALLOWED_HOSTS)
+            if name not in _VERSION_KEYS and name not in (_DECLARED_ROUTES, *_OPTIONAL_KEYS)
         },
         allowed_hosts=_parse_allowed_hosts(
             entry.get(_ALLOWED_HOSTS), source=source, key=f"{key}.{_ALLOWED_HOSTS}"
+        ),
+        http_max_concurrency=_parse_http_max_concurrency(
+            entry.get(_HTTP_MAX_CONCURRENCY), source=source, key=f"{key}.{_HTTP_MAX_CONCURRENCY}"
         ),
     )
 
@@ -381,6 +397,14 @@ def _parse_allowed_hosts(value: object, *, source: str, key: str) -> tuple[str, 
     return tuple(value)
 
 
+def _parse_http_max_concurrency(value: object, *, source: str, key: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(source, key, f"must be an integer, at least 1, got {value!r}")
+    return value
+
+
 def _parse_declared_routes(value: object, *, source: str, key: str) -> DeclaredRoutes | None:
     """`[[pattern, export], ...]`, or None (absent: a format 1 version)."""
     if value is None:
@@ -395,10 +419,44 @@ def _parse_declared_routes(value: object, *, source: str, key: str) -> DeclaredR
     return tuple((pattern, export) for pattern, export in value)
 
 
+_MTIME_STEPS_NS = (1, 1_000, 1_000_000, 1_000_000_000, 2_000_000_000)
+"""How far past the previous manifest's mtime a new one is set, smallest first, until the
+filesystem keeps it: 1 ns where it stores nanoseconds, 1 s on ext4 with 128-byte inodes and
+many NFS servers, 2 s on FAT."""
+
+
 def write_manifest(tenant_dir: Path, manifest: Manifest) -> None:
-    """Replace manifest.json atomically and durably. Call under `manifest_lock`."""
-    write_atomically(tenant_dir / MANIFEST_FILE, manifest.to_json())
+    """Replace manifest.json atomically and durably. Call under `manifest_lock`.
+
+    Readers (every worker of every pod sharing the folder) reload a tenant when the file's
+    (mtime, size, inode) changes. A rename-based write gets the inode the version before the
+    previous one freed (ext4 hands it out again), so where timestamps are coarse (1 s on the
+    filesystems of `_MTIME_STEPS_NS`; a 4 ms tick on kernels before 6.13) two changes within
+    one tick could give the newest manifest the very stat of one a reader already has, and
+    that reader would miss both. So the mtime is a revision: each manifest's is above the one
+    it replaces, in a step the filesystem keeps (ahead of the clock during a burst of changes
+    on a coarse filesystem), and no reader ever holds the stat of a newer manifest.
+    """
+    path = tenant_dir / MANIFEST_FILE
+    try:
+        previous_ns: int | None = os.stat(path).st_mtime_ns
+    except FileNotFoundError:
+        previous_ns = None
+    write_atomically(path, manifest.to_json())
+    if previous_ns is not None:
+        _advance_mtime(path, previous_ns)
     fsync_directory(tenant_dir)
+
+
+def _advance_mtime(path: Path, previous_ns: int) -> None:
+    """Make `path`'s mtime greater than `previous_ns` (it usually is already)."""
+    for step in _MTIME_STEPS_NS:
+        if os.stat(path).st_mtime_ns > previous_ns:
+            return
+        target = max(time.time_ns(), previous_ns + step)
+        os.utime(path, ns=(target, target))
+    if os.stat(path).st_mtime_ns <= previous_ns:
+        log.warning("%s: its mtime cannot be advanced: readers may miss this change", path)
 
 
 def store_module(tenant_dir: Path, binary: bytes) -> str:

@@ -1,6 +1,7 @@
 """`--store file:PATH`: the uploads in a folder, one sub-folder per tenant (today's layout).
 
-    PATH/<t>/manifest.json          the manifest (its revision: the file's mtime in ns)
+    PATH/<t>/manifest.json          the manifest (its revision: the file's mtime in ns, which
+                                    every write moves forward, see `write_manifest`)
     PATH/<t>/modules/<sha256>.wasm  module bytes, content-addressed per tenant
     PATH/<t>/.manifest.lock         flock'd around every read-modify-write
 

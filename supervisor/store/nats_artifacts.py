@@ -4,7 +4,10 @@ The `nats:` store's `artifacts.ArtifactBucket`. Sealed artifacts are objects nam
 `<fingerprint>/<sha256>` in an Object Store bucket; a compile claim is the key
 `<fingerprint>.<sha256>`, made with `KeyValue.create` (create-only: exactly one of the pods
 racing gets it) in a KV bucket whose `ttl` is the claims' lifetime, so the claim of a pod that
-died expires with no one to delete it.
+died expires with no one to delete it. While its holder lives, a claim is renewed a few times
+per lifetime (a compare-and-set on the revision it wrote), so a compile that outlasts the
+lifetime (a 99 MB runtime at nice 19 on a busy node) is not started again by another pod; it
+is dropped, by the same compare-and-set, when the compile ends.
 
 Calls go through the process's `NatsConnection` (nats_client.py) from worker threads. Any
 failure (NATS unreachable, a call timing out, a JetStream error) becomes `BucketUnavailable`,
@@ -17,9 +20,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import logging
 import queue
 import threading
 from collections.abc import Awaitable, Callable, Generator
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import nats.errors
@@ -39,6 +44,8 @@ from ..artifacts import CLAIM_TTL_S, BucketUnavailable
 from .nats_client import NatsConnection, StoreUnavailable
 
 __all__ = ["NatsArtifactBucket"]
+
+log = logging.getLogger("supervisor.artifacts")
 
 DEFAULT_PREFIX = "wasm-supervisor"
 """The store's bucket prefix (`--store-prefix`): `<prefix>-artifacts` (Object Store) and
@@ -60,8 +67,19 @@ round trip per 4 MiB."""
 CONSUMER_IDLE_S = 30.0
 """A download's ephemeral consumer is removed by the server after this long unused (if the pod
 died mid-download)."""
+RENEWALS_PER_TTL = 4
+"""A held claim is rewritten this often per lifetime: one or two renewals lost to a slow or
+briefly absent server still leave it standing."""
 
 T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class _Held:
+    """A claim this process holds: the KV revision it last wrote, and the task renewing it."""
+
+    revision: int
+    renewal: asyncio.Task | None = None
 
 
 class NatsArtifactBucket:
@@ -80,6 +98,7 @@ class NatsArtifactBucket:
         self._replicas = replicas
         self._claim_ttl_s = claim_ttl_s
         self._handles: tuple[Any, Any, Any] | None = None  # (jetstream, objects, claims)
+        self._held: dict[str, _Held] = {}  # claim key -> its state; touched on the loop only
         self._feeding: set[asyncio.Task] = set()  # transfers in progress (`read`)
         connection.on_connect(self._open)
 
@@ -206,14 +225,17 @@ class NatsArtifactBucket:
         self._call(delete, CLAIM_CALL_TIMEOUT_S)
 
     def create_claim(self, name: str, ttl_s: float) -> bool:
-        """`ttl_s` is ignored: a claim lives the claims bucket's TTL, set at its creation."""
+        """`ttl_s` is ignored: a claim lives the claims bucket's TTL, set at its creation, and
+        is renewed until `drop_claim` (or until this process dies)."""
 
         async def create() -> bool:
             _, claims = await self._buckets()
+            key = _claim_key(name)
             try:
-                await claims.create(_claim_key(name), b"")
+                revision = await claims.create(key, b"")
             except nats.js.errors.KeyWrongLastSequenceError:
                 return False
+            self._hold(key, revision)
             return True
 
         return self._call(create, CLAIM_CALL_TIMEOUT_S)
@@ -230,12 +252,52 @@ class NatsArtifactBucket:
         return self._call(claimed, CLAIM_CALL_TIMEOUT_S)
 
     def drop_claim(self, name: str) -> None:
+        """Stop renewing the claim and delete it, unless it lapsed and another pod took it."""
+
         async def drop() -> None:
+            key = _claim_key(name)
+            held = self._held.pop(key, None)
+            if held is None:
+                return
+            if held.renewal is not None:
+                held.renewal.cancel()
             _, claims = await self._buckets()
-            with contextlib.suppress(nats.js.errors.NotFoundError):
-                await claims.delete(_claim_key(name))
+            with contextlib.suppress(
+                nats.js.errors.NotFoundError, nats.js.errors.KeyWrongLastSequenceError
+            ):
+                await claims.delete(key, last=held.revision)
 
         self._call(drop, CLAIM_CALL_TIMEOUT_S)
+
+    def _hold(self, key: str, revision: int) -> None:
+        """Record a claim just created and start renewing it (on the loop)."""
+        previous = self._held.pop(key, None)
+        if previous is not None and previous.renewal is not None:
+            previous.renewal.cancel()
+        held = _Held(revision)
+        held.renewal = asyncio.get_running_loop().create_task(self._renew(key, held))
+        self._held[key] = held
+
+    async def _renew(self, key: str, held: _Held) -> None:
+        """Rewrite the claim every lifetime / RENEWALS_PER_TTL while it is held. Each renewal
+        is a compare-and-set on the revision this process wrote last, so a claim that lapsed
+        (NATS away longer than its lifetime) and was taken by another pod is never taken back;
+        one that lapsed and was not taken is created again."""
+        interval = self._claim_ttl_s / RENEWALS_PER_TTL
+        while self._held.get(key) is held:
+            await asyncio.sleep(interval)
+            try:
+                _, claims = await self._buckets()
+                try:
+                    held.revision = await claims.update(key, b"", last=held.revision)
+                except nats.js.errors.KeyWrongLastSequenceError:
+                    held.revision = await claims.create(key, b"")  # lapsed: take it again
+            except nats.js.errors.KeyWrongLastSequenceError:
+                log.warning("compile claim %s lapsed and another pod took it", key)
+                self._held.pop(key, None)
+                return
+            except (StoreUnavailable, nats.errors.Error) as exc:  # try again next interval
+                log.info("compile claim %s not renewed now (%r)", key, exc)
 
     def ages(self) -> dict[str, float]:
         async def ages() -> dict[str, float]:

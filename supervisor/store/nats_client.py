@@ -16,8 +16,12 @@ connect that fails): a pod that starts while NATS is down becomes ready when NAT
 Every (re)connection runs the `on_connect` listeners, so watches can be re-created and
 anything missed reconciled (a KV watch was seen to stall 16 s after a server restart).
 
-URLs: `nats://HOST:PORT[,HOST:PORT...]`, or `tls://...` for TLS with the system's CAs.
-Credentials: a NATS `.creds` file (a user JWT and its NKey seed), or a file holding a token.
+URLs: `nats://HOST:PORT[,HOST:PORT...]`, or `tls://...` for TLS. A `tls://` store trusts the
+system's CAs, or only those of `--store-ca FILE` (a PEM bundle): a flag, not `SSL_CERT_FILE`,
+because that variable would also replace the CAs of every other TLS client in the process.
+Credentials (`--store-credentials FILE`): a NATS `.creds` file (a user JWT and its NKey seed,
+signed in with the `nkeys` package), or a file holding a token. Every fault of these is named
+with the URL or the file it comes from: in `serve`'s error, the log, `/healthz` and 503s.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ DEFAULT_CALL_TIMEOUT_S = 10.0
 STORE_RETRY_AFTER_S = 2
 """Retry-After of a 503 answered because the store is unreachable: about a reconnect."""
 _CREDS_MARKER = "-----BEGIN NATS USER JWT-----"
+_SEED_MARKER = "-----BEGIN USER NKEY SEED-----"
 _SCHEMES = {"nats": "nats", "tls": "tls"}
 
 
@@ -71,9 +76,16 @@ class NatsSettings:
     servers: tuple[str, ...]
     tls: bool
     credentials: Path | None = None
+    ca_file: Path | None = None  # the CAs a tls:// store's certificate must chain to
+
+    @property
+    def url(self) -> str:
+        return ",".join(self.servers)
 
 
-def parse_nats_url(url: str, *, credentials: Path | None = None) -> NatsSettings:
+def parse_nats_url(
+    url: str, *, credentials: Path | None = None, ca_file: Path | None = None
+) -> NatsSettings:
     """`nats://h:p[,h:p...]` or `tls://...` -> settings. Raises ConfigError naming the fault."""
     scheme, sep, rest = url.partition("://")
     if not sep or scheme not in _SCHEMES:
@@ -89,9 +101,51 @@ def parse_nats_url(url: str, *, credentials: Path | None = None) -> NatsSettings
         if not parsed.hostname or port is None or parsed.path:
             raise ConfigError("--store", None, f"{url!r}: {part!r} is not HOST:PORT")
         servers.append(f"{scheme}://{hostport}")
-    if credentials is not None and not credentials.is_file():
-        raise ConfigError("--store-credentials", None, f"{credentials}: not a readable file")
-    return NatsSettings(tuple(servers), tls=scheme == "tls", credentials=credentials)
+    if credentials is not None:
+        _read_credentials(credentials)
+    if ca_file is not None:
+        if scheme != "tls":
+            raise ConfigError("--store-ca", None, f"{ca_file}: only a tls:// store uses a CA")
+        _tls_context(ca_file)
+    return NatsSettings(tuple(servers), scheme == "tls", credentials, ca_file)
+
+
+def _read_credentials(path: Path) -> dict[str, str]:
+    """The nats-py options that sign in with the file at `path`: a `.creds` file (its user JWT
+    and NKey seed) or a token. Raises ConfigError naming the file."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not a text file"
+        raise ConfigError("--store-credentials", None, f"{path}: cannot read: {reason}") from exc
+    if _CREDS_MARKER in text:
+        if _SEED_MARKER not in text:
+            raise ConfigError(
+                "--store-credentials", None, f"{path}: a .creds file without its NKey seed"
+            )
+        try:
+            import nkeys  # noqa: F401 (nats-py signs the server's nonce with it)
+        except ImportError as exc:
+            raise ConfigError(
+                "--store-credentials", None, f"{path}: a .creds file needs the nkeys package"
+            ) from exc
+        return {"user_credentials": str(path)}
+    token = text.strip()
+    if not token or any(char.isspace() for char in token):
+        raise ConfigError(
+            "--store-credentials", None, f"{path}: neither a NATS .creds file nor one token"
+        )
+    return {"token": token}
+
+
+def _tls_context(ca_file: Path | None) -> ssl.SSLContext:
+    """Verifying TLS: against `ca_file` only, or the system's CAs. Raises ConfigError."""
+    if ca_file is None:
+        return ssl.create_default_context()
+    try:
+        return ssl.create_default_context(cafile=str(ca_file))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError("--store-ca", None, f"{ca_file}: not a PEM CA bundle ({exc})") from exc
 
 
 class NatsConnection:
@@ -205,20 +259,16 @@ class NatsConnection:
     async def _connect_forever(self) -> None:
         import nats  # imported here: the file store never pays for it
 
-        options = self._options()
         attempt = 0
         while not self._closing:
             attempt += 1
             try:
-                client = await nats.connect(**options)
+                client = await nats.connect(**self._options())
             except Exception as exc:
-                self.last_error = f"{type(exc).__name__}: {exc}"
+                self.last_error = self._describe(exc)
                 if attempt == 1 or attempt % 20 == 0:
                     log.warning(
-                        "store: NATS at %s unreachable (%s); retrying every %.1f s",
-                        ",".join(self.settings.servers),
-                        self.last_error,
-                        RECONNECT_WAIT_S,
+                        "store: %s; retrying every %.1f s", self.last_error, RECONNECT_WAIT_S
                     )
                 await asyncio.sleep(RECONNECT_WAIT_S)
                 continue
@@ -241,14 +291,26 @@ class NatsConnection:
             "error_cb": self._error,
         }
         if self.settings.tls:
-            options["tls"] = ssl.create_default_context()
-        if self.settings.credentials is not None:
-            text = self.settings.credentials.read_text()
-            if _CREDS_MARKER in text:
-                options["user_credentials"] = str(self.settings.credentials)
-            else:
-                options["token"] = text.strip()
+            options["tls"] = _tls_context(self.settings.ca_file)
+        if self.settings.credentials is not None:  # read again: a Secret may have rotated
+            options.update(_read_credentials(self.settings.credentials))
         return options
+
+    def _describe(self, exc: BaseException) -> str:
+        """Why NATS cannot be used, naming the URL, and the CA or credentials file at fault."""
+        if isinstance(exc, ConfigError):
+            return f"NATS at {self.settings.url}: {exc.message}"
+        reason = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            trusted = self.settings.ca_file or "the system's CAs"
+            return (
+                f"NATS at {self.settings.url}: its TLS certificate is not trusted by"
+                f" {trusted} ({reason})"
+            )
+        if "authorization" in str(exc).lower() or "authentication" in str(exc).lower():
+            signed_in = self.settings.credentials or "no --store-credentials"
+            return f"NATS at {self.settings.url} refused the sign-in with {signed_in} ({reason})"
+        return f"NATS at {self.settings.url}: {reason}"
 
     async def _connected_now(self) -> None:
         """Listeners first (they open buckets), then callers may `call`."""
@@ -273,7 +335,7 @@ class NatsConnection:
         await self._connected_now()
 
     async def _error(self, exc: Exception) -> None:
-        self.last_error = f"{type(exc).__name__}: {exc}"
+        self.last_error = self._describe(exc)
 
     async def _close(self) -> None:
         """Close the client, then end every task of the loop (watches), so none is left

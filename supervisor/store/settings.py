@@ -24,6 +24,7 @@ class StoreSettings:
     credentials: Path | None = None
     replicas: int = 1
     prefix: str = DEFAULT_PREFIX
+    ca_file: Path | None = None
 
     @classmethod
     def parse(
@@ -33,6 +34,7 @@ class StoreSettings:
         credentials: Path | None = None,
         replicas: int = 1,
         prefix: str = DEFAULT_PREFIX,
+        ca_file: Path | None = None,
     ) -> StoreSettings:
         """Check the URL and flags now, so a typo stops `serve` with a message naming it."""
         if url.startswith("file:"):
@@ -41,10 +43,10 @@ class StoreSettings:
         else:
             from .nats_client import parse_nats_url
 
-            parse_nats_url(url, credentials=credentials)
+            parse_nats_url(url, credentials=credentials, ca_file=ca_file)
         if not prefix or not set(prefix) <= _PREFIX_CHARS:
             raise ConfigError("--store-prefix", None, f"{prefix!r}: use letters, digits, - and _")
-        return cls(url, credentials, replicas, prefix)
+        return cls(url, credentials, replicas, prefix, ca_file)
 
     @property
     def is_file(self) -> bool:
@@ -57,5 +59,5 @@ class StoreSettings:
         from .nats_client import parse_nats_url
         from .nats_store import NatsStore
 
-        settings = parse_nats_url(self.url, credentials=self.credentials)
+        settings = parse_nats_url(self.url, credentials=self.credentials, ca_file=self.ca_file)
         return NatsStore(settings, cache_dir, replicas=self.replicas, prefix=self.prefix)

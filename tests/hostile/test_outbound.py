@@ -9,6 +9,7 @@ which is the SSRF guard's exception; wildcards and names resolving to loopback a
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import http.server
 import json
@@ -26,7 +27,9 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
+from connect_proxy import connect_proxy
 
+from supervisor import sandbox
 from supervisor.auth import token_sha256
 from supervisor.outbound import client
 
@@ -168,7 +171,9 @@ def tls_upstream(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Up
         "-out",
         "server.csr",
     )
-    (tmp_path / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    (tmp_path / "ext.cnf").write_text(
+        "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:api.example.test\n"
+    )
     openssl(
         "x509",
         "-req",
@@ -199,11 +204,12 @@ def add_tenant(
     policy: str = "",
     guest: str = "outbound_call.wat",
     extra: str = "",
+    tenant: str = "t",
 ) -> None:
-    """Tenant `t`, route `/call` running `guest` with the module's `allowed_hosts`."""
+    """Tenant `tenant`, route `/call` running `guest` with the module's `allowed_hosts`."""
     lines = [f"outbound_hosts = {outbound_hosts!r}".replace("'", '"'), "timeout_ms = 1000", policy]
-    workspace.add_tenant("t", {}, "\n".join(lines) + "\n")
-    folder = workspace.tenants / "t"
+    workspace.add_tenant(tenant, {}, "\n".join(lines) + "\n")
+    folder = workspace.tenants / tenant
     shutil.copyfile(GUESTS / guest, folder / guest)
     entry = f'[[module]]\nroute = "/call"\nmodule = "{guest}"\n{extra}'
     if allowed_hosts is not None:
@@ -211,10 +217,12 @@ def add_tenant(
     (folder / "modules.toml").write_text(entry)
 
 
-async def call(running, url: str, method: str = "GET", headers: str = "", body: bytes = b""):
+async def call(
+    running, url: str, method: str = "GET", headers: str = "", body: bytes = b"", tenant: str = "t"
+):
     """Ask the guest to make one request; its response (status, text)."""
     stdin = b"\0".join([url.encode(), method.encode(), headers.encode(), body])
-    response = await running.client.post("/t/call", content=stdin)
+    response = await running.client.post(f"/{tenant}/call", content=stdin)
     return response.status_code, response.text
 
 
@@ -470,6 +478,59 @@ async def test_an_http_proxy_from_the_environment_is_used_and_exempt_from_the_gu
     assert "hello from upstream" in direct
 
 
+async def test_an_https_request_goes_through_the_proxy_with_connect_and_the_rules_still_apply(
+    workspace, start_supervisor, tls_upstream, monkeypatch
+):
+    with connect_proxy({"api.example.test": "127.0.0.1"}) as proxy:
+        monkeypatch.setenv("HTTPS_PROXY", proxy.url)
+        monkeypatch.setenv("NO_PROXY", "localhost")
+        target = f"https://api.example.test:{tls_upstream.port}"
+        direct = f"https://localhost:{tls_upstream.port}"
+        add_tenant(workspace, [target, direct], [target, direct])
+        running = await start_supervisor()
+        # Through the proxy, TLS inside the tunnel (the test CA from SSL_CERT_FILE): the proxy
+        # is on loopback and named nowhere in the policy, yet exempt from the guard.
+        for _ in range(2):
+            text = (await call(running, f"{target}/hello"))[1]
+            assert "req=0 status=200" in text and "body=hello from upstream" in text
+        tunnel = f"CONNECT api.example.test:{tls_upstream.port} HTTP/1.1"
+        assert proxy.requests == [tunnel]  # one tunnel, kept alive for the second call
+        # The allow rules apply to the target the guest asked for: the proxy sees nothing.
+        other = f"https://other.example.test:{tls_upstream.port}/hello"
+        assert req_code((await call(running, other))[1]) == 7
+        # NO_PROXY: straight to the upstream, guarded (localhost is named exactly: admitted).
+        text = (await call(running, f"{direct}/hello"))[1]
+        assert "req=0 status=200" in text and "body=hello from upstream" in text
+        assert proxy.requests == [tunnel]
+
+
+@pytest.mark.parametrize(
+    ("outbound_hosts", "host", "code"),
+    [
+        (["https://*:{port}"], "127.0.0.1", 7),  # an address: judged before the proxy
+        (["https://*:{port}"], "169.254.169.254", 7),  # metadata: never
+        (["https://127.0.0.1:{port}"], "127.0.0.1", 0),  # named exactly: admitted
+        (["https://*:{port}"], "api.example.test", 0),  # a name: the proxy resolves it
+    ],
+    ids=["wildcard-loopback", "metadata", "exact-loopback", "name"],
+)
+async def test_through_a_proxy_the_guard_judges_a_target_given_as_an_address(
+    workspace, start_supervisor, tls_upstream, monkeypatch, outbound_hosts, host, code
+):
+    with connect_proxy({"api.example.test": "127.0.0.1"}) as proxy:
+        monkeypatch.setenv("HTTPS_PROXY", proxy.url)
+        add_tenant(
+            workspace,
+            ["insecure:allow-all"],
+            [h.format(port=tls_upstream.port) for h in outbound_hosts],
+        )
+        running = await start_supervisor()
+        url = f"https://{host}:{tls_upstream.port}/hello"
+        assert req_code((await call(running, url))[1]) == code
+        seen = [f"CONNECT {host}:{tls_upstream.port} HTTP/1.1"] if code == 0 else []
+        assert proxy.requests == seen
+
+
 # Limits: requests per guest request, responses held, tenant concurrency, size, deadline.
 
 
@@ -507,7 +568,42 @@ async def test_a_guest_hammering_req_under_a_high_cap_is_stopped_by_its_fuel(
         "/t/call", content=upstream.url("/hello").encode() + b"\0c"
     )
     assert response.status_code == 503, response.text  # out of fuel
-    assert len(upstream.requests) <= 10  # each req charges 100,000 units
+    assert len(upstream.requests) <= 10  # each req charges its CPU time, ~1,000,000 units
+
+
+async def test_a_guest_hammering_header_get_pays_for_the_hosts_work_in_fuel(
+    workspace, start_supervisor, upstream
+):
+    origin = f"http://127.0.0.1:{upstream.port}"
+    # 20,000 calls cost the host ~0.15 s of CPU, ~1e9 units of fuel: far more than 5e7.
+    for tenant, fuel in (("rich", 10**10), ("t", 5 * 10**7)):
+        policy = f"fuel_per_request = {fuel}"
+        add_tenant(workspace, [origin], [origin], policy, "outbound_headers.wat", tenant=tenant)
+    running = await start_supervisor()
+    url = upstream.url("/hello")
+    rich = await running.client.post("/rich/call", content=url)
+    assert rich.text == "req=0 calls=20000\n"
+    poor = await running.client.post("/t/call", content=url)
+    assert poor.status_code == 503, poor.text  # out of fuel
+
+
+async def test_outbound_host_calls_count_toward_the_processes_host_share(
+    workspace, start_supervisor, upstream, monkeypatch
+):
+    monkeypatch.setattr(sandbox, "HOST_SHARE", 0.005)  # 0.15 s of host work: 30 s of wall
+    origin = f"http://127.0.0.1:{upstream.port}"
+    add_tenant(
+        workspace,
+        [origin],
+        [origin],
+        "fuel_per_request = 10_000_000_000",
+        guest="outbound_headers.wat",
+    )
+    running = await start_supervisor()
+    started = time.monotonic()
+    response = await running.client.post("/t/call", content=upstream.url("/hello"))
+    assert response.status_code == 504, response.text  # its share: the deadline comes first
+    assert time.monotonic() - started < SLOW_UPSTREAM_S / 2
 
 
 async def test_responses_held_at_once_are_capped_by_http_max_concurrency(
@@ -605,12 +701,167 @@ async def test_outbound_connections_of_the_process_are_bounded_and_given_back(
     running = await start_supervisor()
     assert "req=0" in (await call(running, tls_upstream.url("/hello")))[1]
     assert client.OPEN_CONNECTIONS.open == already + 1  # kept alive, TLS: counted once
-    # The one place is taken by the kept-alive TLS connection: a second upstream must wait.
-    assert req_code((await call(running, upstream.url("/hello")))[1]) == 11
+    # The one place is held by an idle connection: it is closed to make room for the new one.
+    assert "req=0" in (await call(running, upstream.url("/hello")))[1]
     assert client.OPEN_CONNECTIONS.open == already + 1
+    # The one place in use (a request in flight): a new connection fails.
+    async with trio.open_nursery() as nursery:
+        slow: list[tuple[int, str]] = []
+
+        async def call_slow() -> None:
+            slow.append(await call(running, upstream.url("/slow")))
+
+        nursery.start_soon(call_slow)
+        deadline = time.monotonic() + 5
+        while "/slow" not in upstream.requests:
+            assert time.monotonic() < deadline
+            await trio.sleep(0.01)
+        assert req_code((await call(running, tls_upstream.url("/hello")))[1]) == 11
+    assert slow[0][0] == 504
+    assert "req=0" in (await call(running, upstream.url("/hello")))[1]
     running.app.registry.outbound.close()  # what shutdown does
     assert client.OPEN_CONNECTIONS.open == already
+
+
+async def test_idle_connections_of_idle_tenants_never_lock_out_a_busy_tenant(
+    workspace, start_supervisor
+):
+    gc.collect()
+    free = client.MAX_CONNECTIONS - client.OPEN_CONNECTIONS.open
+    with contextlib.ExitStack() as stack:
+        upstreams = [stack.enter_context(contextlib.contextmanager(_serve)()) for _ in range(free)]
+        # Idle tenants, each with its pool's kept-alive connections to its own upstreams.
+        groups = [
+            upstreams[i : i + client.KEEPALIVE_PER_POOL]
+            for i in range(0, free, client.KEEPALIVE_PER_POOL)
+        ]
+        for index, group in enumerate(groups):
+            origins = [f"http://127.0.0.1:{u.port}" for u in group]
+            add_tenant(workspace, origins, origins, tenant=f"idle{index}")
+        busy = stack.enter_context(contextlib.contextmanager(_serve)())
+        add_tenant(workspace, [f"http://127.0.0.1:{busy.port}"], [f"http://127.0.0.1:{busy.port}"])
+        running = await start_supervisor()
+        for index, group in enumerate(groups):
+            for each in group:
+                text = (await call(running, each.url("/hello"), tenant=f"idle{index}"))[1]
+                assert "req=0" in text, text
+        assert client.OPEN_CONNECTIONS.open == client.MAX_CONNECTIONS  # all idle, kept alive
+        for _ in range(3):
+            assert "req=0 status=200" in (await call(running, busy.url("/hello")))[1]
+        assert len(busy.connections) == 1  # the place it took stays its own, kept alive
+        # The one closed was the least recently used: the first idle tenant's first.
+        first = groups[0][0]
+        assert (
+            "req=0"
+            in (await call(running, groups[-1][-1].url("/hello"), tenant=f"idle{len(groups) - 1}"))[
+                1
+            ]
+        )
+        assert len(groups[-1][-1].connections) == 1
+        assert "req=0" in (await call(running, first.url("/hello"), tenant="idle0"))[1]
+        assert len(first.connections) == 2
+        running.app.registry.outbound.close()
+
+
+async def test_idle_connections_are_closed_when_their_keep_alive_expires(
+    workspace, start_supervisor, upstream, monkeypatch
+):
+    gc.collect()
+    already = client.OPEN_CONNECTIONS.open
+    monkeypatch.setattr(client, "KEEPALIVE_S", 0.2)
+    origin = f"http://127.0.0.1:{upstream.port}"
+    add_tenant(workspace, [origin], [origin])
+    running = await start_supervisor()
     assert "req=0" in (await call(running, upstream.url("/hello")))[1]
+    assert client.OPEN_CONNECTIONS.open == already + 1
+    deadline = time.monotonic() + 5  # the sweeper looks every second
+    while client.OPEN_CONNECTIONS.open > already:  # nobody calls: the sweeper closes it
+        assert time.monotonic() < deadline, "the idle connection was never closed"
+        await trio.sleep(0.05)
+    assert "req=0" in (await call(running, upstream.url("/hello")))[1]
+    assert len(upstream.connections) == 2
+
+
+# Name lookups: bounded by the guest's deadline and by a few threads of their own.
+
+
+@dataclass
+class StuckResolver:
+    lookups: list[str]
+    release: threading.Event
+
+
+@pytest.fixture
+def stuck_resolver(monkeypatch: pytest.MonkeyPatch) -> Iterator[StuckResolver]:
+    """The process's `getaddrinfo`, where a lookup of `stuck.test` waits (a dead name server)
+    until released or for SLOW_UPSTREAM_S, then answers 127.0.0.1; other names resolve as
+    usual. A real hung resolver would need the machine's /etc/resolv.conf changed."""
+    real = socket.getaddrinfo
+    stuck = StuckResolver([], threading.Event())
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        if host == "stuck.test":
+            stuck.lookups.append(host)
+            stuck.release.wait(SLOW_UPSTREAM_S)
+            host = "127.0.0.1"
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    try:
+        yield stuck
+    finally:
+        stuck.release.set()
+
+
+async def test_a_name_lookup_that_hangs_ends_at_the_guests_deadline_with_504(
+    workspace, start_supervisor, upstream, stuck_resolver
+):
+    origin = f"http://stuck.test:{upstream.port}"  # named exactly: its loopback is admitted
+    add_tenant(workspace, [origin], [origin])  # timeout_ms = 1000
+    running = await start_supervisor()
+    started = time.monotonic()
+    status, text = await call(running, f"{origin}/hello")
+    elapsed = time.monotonic() - started
+    assert status == 504, text
+    assert 0.9 < elapsed < SLOW_UPSTREAM_S / 2, elapsed
+    assert stuck_resolver.lookups == ["stuck.test"]
+    stuck_resolver.release.set()  # the name server answers again
+    assert "req=0 status=200" in (await call(running, f"{origin}/hello"))[1]
+
+
+async def test_a_lookup_slower_than_the_resolve_timeout_is_a_request_error(
+    workspace, start_supervisor, upstream, stuck_resolver, monkeypatch
+):
+    monkeypatch.setattr(client, "RESOLVE_TIMEOUT_S", 0.1, raising=False)
+    origin = f"http://stuck.test:{upstream.port}"
+    add_tenant(workspace, [origin], [origin])
+    running = await start_supervisor()
+    started = time.monotonic()
+    status, text = await call(running, f"{origin}/hello")
+    assert status == 200 and req_code(text) == 11, text  # the guest answers without it
+    assert time.monotonic() - started < SLOW_UPSTREAM_S / 2
+
+
+async def test_when_every_lookup_thread_is_stuck_a_lookup_fails_at_once(
+    workspace, start_supervisor, upstream, stuck_resolver, monkeypatch
+):
+    monkeypatch.setattr(client, "RESOLVE_TIMEOUT_S", 0.1, raising=False)
+    monkeypatch.setattr(client, "RESOLVER_THREADS", 2, raising=False)
+    origin = f"http://stuck.test:{upstream.port}"
+    direct = f"http://127.0.0.1:{upstream.port}"
+    add_tenant(workspace, [origin, direct], [origin, direct], "max_outbound_requests = 64")
+    running = await start_supervisor()
+    for _ in range(2):  # each leaves its lookup thread waiting for the name server
+        assert req_code((await call(running, f"{origin}/hello"))[1]) == 11
+    assert len(stuck_resolver.lookups) == 2
+    assert req_code((await call(running, f"{origin}/hello"))[1]) == 11
+    assert len(stuck_resolver.lookups) == 2  # no third thread was started
+    assert "req=0" in (await call(running, f"{direct}/hello"))[1]  # an address needs none
+    stuck_resolver.release.set()
+    deadline = time.monotonic() + 5
+    while "req=0" not in (await call(running, f"{origin}/hello"))[1]:  # threads given back
+        assert time.monotonic() < deadline
+        await trio.sleep(0.02)
 
 
 async def test_an_uploaded_module_gets_its_allowed_hosts_from_the_upload_and_keeps_them(

@@ -31,6 +31,7 @@ from supervisor.artifacts import (
     ArtifactKeys,
     ArtifactRefused,
     FileArtifactBucket,
+    SharedArtifacts,
     load_artifact_keys,
 )
 from supervisor.compiler import CodeSettings
@@ -73,8 +74,34 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], Artifa
     from supervisor.store.nats_artifacts import NatsArtifactBucket
 
     connection, _ = request.getfixturevalue("nats_connection")
-    bucket = NatsArtifactBucket(connection, claim_ttl_s=NATS_CLAIM_TTL_S)
-    return lambda: bucket
+    handed: list[object] = []  # the first pod has the fixture's connection, each other its own
+
+    def bucket() -> ArtifactBucket:
+        pod_connection = connect_like(connection) if handed else connection
+        if handed:
+            request.addfinalizer(pod_connection.close)
+        handed.append(pod_connection)
+        return NatsArtifactBucket(pod_connection, claim_ttl_s=NATS_CLAIM_TTL_S)
+
+    return bucket
+
+
+def connect_like(connection):
+    """Another pod's connection to the same nats-server (its claims are its own)."""
+    from supervisor.store.nats_client import NatsConnection
+
+    other = NatsConnection(connection.settings)
+    other.start()
+    assert other.wait_connected(10), other.last_error
+    return other
+
+
+def kill(bucket: ArtifactBucket) -> None:
+    """The pod holding `bucket` dies: a NATS one's connection closes (its renewals of the
+    claims it held stop with it); a folder's claims are files, left as they are."""
+    connection = getattr(bucket, "_connection", None)
+    if connection is not None:
+        connection.close()
 
 
 @pytest.fixture
@@ -350,16 +377,17 @@ def test_a_lapsed_claim_of_a_dead_pod_does_not_block_compiling(
     """The claim lapses by itself (nobody deletes it), and the waiting pod then compiles."""
     cache = pod(tmp_path, store, sandbox, "a", OLD)
     cache.shared.claim_ttl_s = NATS_CLAIM_TTL_S
-    dead = store()
-    assert dead.create_claim(name_of(cache), NATS_CLAIM_TTL_S)  # a pod that then died
-    assert not dead.create_claim(name_of(cache), NATS_CLAIM_TTL_S)  # while it stands
+    dead, survivor = store(), store()
+    other = f"{cache.fingerprint}/{'2' * 64}"
+    assert dead.create_claim(name_of(cache), NATS_CLAIM_TTL_S)
+    assert dead.create_claim(other, NATS_CLAIM_TTL_S)
+    assert not survivor.create_claim(other, NATS_CLAIM_TTL_S)  # while it stands
+    kill(dead)
     started = time.monotonic()
     assert not cache.load(HELLO, name="hello.wat").cache_hit
     assert cache.compiled == 1 and time.monotonic() - started < 5
-    other = f"{cache.fingerprint}/{'2' * 64}"
-    assert dead.create_claim(other, NATS_CLAIM_TTL_S)
     deadline = time.monotonic() + 10
-    while not dead.create_claim(other, NATS_CLAIM_TTL_S):  # lapses without a drop
+    while not survivor.create_claim(other, NATS_CLAIM_TTL_S):  # lapses without a drop
         assert time.monotonic() < deadline, "a dead pod's claim never lapsed"
         time.sleep(0.05)
 
@@ -369,21 +397,23 @@ def test_one_claim_wins_among_racing_pods(tmp_path: Path, store, sandbox: Sandbo
     name = f"{pod(tmp_path, store, sandbox, 'a', OLD).fingerprint}/{'1' * 64}"
     buckets = [store() for _ in range(8)]
     start = threading.Barrier(len(buckets))
-    won: list[bool] = []
+    won: list[ArtifactBucket] = []
 
     def race(bucket: ArtifactBucket) -> None:
         start.wait()
-        won.append(bucket.create_claim(name, 60))
+        if bucket.create_claim(name, 60):
+            won.append(bucket)
 
     threads = [threading.Thread(target=race, args=(bucket,)) for bucket in buckets]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=30)
-    assert sorted(won) == [False] * 7 + [True]
-    assert buckets[0].claimed(name, 60)
-    buckets[0].drop_claim(name)
-    assert not buckets[0].claimed(name, 60) and buckets[1].create_claim(name, 60)
+    assert len(won) == 1
+    loser = next(bucket for bucket in buckets if bucket is not won[0])
+    assert loser.claimed(name, 60)
+    won[0].drop_claim(name)  # the holder's drop frees it for the others
+    assert not loser.claimed(name, 60) and loser.create_claim(name, 60)
 
 
 RACER = textwrap.dedent(
@@ -560,3 +590,45 @@ def test_an_unreachable_store_costs_a_compile_not_service(
     assert (second.compiled, second.shared.downloaded, second.shared.published) == (1, 0, 0)
     assert "unreadable (NATS: store unreachable" in caplog.text
     assert "could not publish artifact" in caplog.text
+
+
+def test_a_compile_that_outlasts_its_claims_lifetime_keeps_the_claim(
+    request: pytest.FixtureRequest,
+) -> None:
+    """Pod A claims a compile and takes three claim lifetimes over it; pod B, which lost the
+    claim, sees it held all along and waits (it never compiles the same module too), then
+    takes A's artifact. A's claim is renewed while A lives, and dropped when A publishes."""
+    pytest.importorskip("nats", reason="nats-py is not installed")
+    if not NATS_SERVER.exists():
+        pytest.skip(f"no nats-server at {NATS_SERVER} (make test unpacks Debian's)")
+    from supervisor.store.nats_artifacts import NatsArtifactBucket
+
+    connection, _ = request.getfixturevalue("nats_connection")
+    other = connect_like(connection)
+    request.addfinalizer(other.close)
+    fingerprint, digest = "0" * 16, "1" * 64
+    compiling, waiting = (
+        SharedArtifacts(
+            NatsArtifactBucket(pod, claim_ttl_s=NATS_CLAIM_TTL_S),
+            OLD,
+            fingerprint,
+            claim_ttl_s=NATS_CLAIM_TTL_S,
+        )
+        for pod in (connection, other)
+    )
+    assert compiling.claim(digest)
+    assert not waiting.claim(digest)
+    waited: list[memoryview | None] = []
+    waiter = threading.Thread(target=lambda: waited.append(waiting.await_other(digest)))
+    waiter.start()
+    compile_ends = time.monotonic() + 3 * NATS_CLAIM_TTL_S
+    while time.monotonic() < compile_ends:  # A compiles on; B must keep waiting
+        assert waiting.bucket.claimed(f"{fingerprint}/{digest}", NATS_CLAIM_TTL_S), (
+            "the claim of a compile still running lapsed"
+        )
+        assert waiter.is_alive(), "the waiting pod gave up on a compile still running"
+        time.sleep(NATS_CLAIM_TTL_S / 10)  # sampling the claim through the compile
+    compiling.publish(digest, b"compiled code")
+    waiter.join(10)
+    assert [bytes(artifact) for artifact in waited if artifact is not None] == [b"compiled code"]
+    assert not waiting.bucket.claimed(f"{fingerprint}/{digest}", NATS_CLAIM_TTL_S)  # dropped
