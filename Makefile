@@ -65,9 +65,11 @@ format: $(VENV)/.installed
 test: lint $(PROMTOOL) $(DOCKER_REGISTRY) $(NATS_SERVER)
 	$(PY) -m pytest -q
 
-bench: $(VENV)/.installed
+bench: $(VENV)/.installed $(NATS_SERVER)
 	$(PY) bench/run.py
 	$(PY) bench/pod_start.py
+	$(PY) bench/store_propagation.py
+	$(PY) bench/fresh_pod.py
 
 bench-prometheus: $(VENV)/.installed $(PROMTOOL)
 	$(PY) bench/prometheus_scrape.py

@@ -8,7 +8,11 @@ which git ignores. Nothing is committed.
    server with no guest (bench/peer_h11.py) and against nginx + fcgiwrap running a native C
    CGI hello (bench/cgi/); every server pinned to cpu 0 (nginx: its one worker, and fcgiwrap),
    wrk on cpu 1. Also the same server with the demo capped at the default max_concurrency (8)
-   instead of its own 16, so half of wrk's 16 connections wait in admission.
+   instead of its own 16, so half of wrk's 16 connections wait in admission. And the same
+   hello uploaded through the admin API, on each store: `file:` (a copy of the tenants
+   folder) and `nats://` (a nats-server on 127.0.0.1, .cache/nats, as `make test` unpacks),
+   so both stores' ratios against the same peer come from one run: once a module is loaded,
+   neither store is on the request path.
 2. workers: `--workers 1` against `--workers 2`. With three or more cores, the workers run on
    the first two (one worker on the first) and wrk on the others, off the measured cores, as
    the issue asks. With two cores there is no core left for wrk: one worker is measured on
@@ -52,6 +56,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 
+import httpx
 import wasmtime
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -68,7 +73,9 @@ from harness import (
     require,
     server,
     supervisor_argv,
+    wait_until_serving,
 )
+from store_propagation import nats_server
 
 BENCH = REPO / "bench"
 RESULTS = BENCH / "results" / "latest.md"
@@ -83,6 +90,9 @@ FUEL_RUNS = 40
 """Runs of burn.wat per engine configuration (~4.5 ms each)."""
 NGINX = Path("/usr/sbin/nginx")
 FCGIWRAP = Path("/usr/sbin/fcgiwrap")
+STORED_ROUTE = "/stored"
+"""The demo's hello, uploaded through the admin API under this route (bench_hello)."""
+ADMIN_TOKEN = "bench-run-operator-token"
 FCGIWRAP_PROCESSES = 4
 """fcgiwrap children (all on cpu 0): each runs one CGI request at a time."""
 
@@ -147,6 +157,37 @@ def supervisor(cache: Path, *, workers: int, cpus: str, tenants: Path = REPO / "
     base = f"http://127.0.0.1:{port}"
     with server(argv, base + ready_path, cpus=cpus) as process:
         yield base, process.pid
+
+
+@contextlib.contextmanager
+def stored_supervisor(cache: Path, store: str | None, *, cpus: str) -> Iterator[str]:
+    """`--workers 1` on a copy of the tenants folder with `store` (None: the `file:` store of
+    that copy), the demo's hello uploaded through the admin API; yields its URL once the
+    uploaded route answers (loaded)."""
+    root = Path(tempfile.mkdtemp(prefix="bench-store-"))
+    try:
+        shutil.copytree(REPO / "tenants", root / "tenants")
+        port = free_port()
+        argv = supervisor_argv(
+            port, cache, workers=1, tenants=root / "tenants", policies=REPO / "policies"
+        )
+        argv += ["--store", store] if store else []
+        base = f"http://127.0.0.1:{port}"
+        env = {"SUPERVISOR_ADMIN_TOKEN": ADMIN_TOKEN}
+        with server(argv, base + "/demo/hello", cpus=cpus, env=env):
+            response = httpx.put(
+                f"{base}/_admin/v1/tenants/demo/modules/stored",
+                content=(REPO / "tenants" / "demo" / "hello.wat").read_bytes(),
+                params={"route": STORED_ROUTE},
+                headers={"authorization": f"Bearer {ADMIN_TOKEN}"},
+                timeout=60,
+            )
+            if response.status_code not in (200, 201):
+                sys.exit(f"upload to {store or 'file:'}: {response.status_code} {response.text}")
+            wait_until_serving(base + "/demo" + STORED_ROUTE)
+            yield base + "/demo" + STORED_ROUTE
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def median(results: list[WrkResult]) -> WrkResult:
@@ -227,7 +268,9 @@ def bench_hello(report: Report, cache: Path, seconds: int, rounds: int) -> None:
         f"{rounds} rounds taking turns, each {WARMUP_S}s warm-up then {seconds}s; medians.",
         "",
     )
-    results: dict[str, list[WrkResult]] = {"peer": [], "supervisor": [], "capped": [], "cgi": []}
+    results: dict[str, list[WrkResult]] = {
+        "peer": [], "supervisor": [], "capped": [], "cgi": [], "file": [], "nats": []
+    }  # fmt: skip
     # The same server with the demo tenant capped at the default max_concurrency (8): half of
     # wrk's connections then wait in admission, the path of a tenant at its cap.
     capped_policies = Path(tempfile.mkdtemp(prefix="bench-policies-"))
@@ -244,22 +287,30 @@ def bench_hello(report: Report, cache: Path, seconds: int, rounds: int) -> None:
         results[name].append(result)
 
     cgi_problem = ensure_cgi_tools()
+    nats_work = Path(tempfile.mkdtemp(prefix="bench-nats-"))
     try:
-        for _ in range(rounds):
-            port = free_port()
-            peer = [sys.executable, "bench/peer_h11.py", str(port)]
-            with server(peer, f"http://127.0.0.1:{port}/"):
-                measure("peer", f"http://127.0.0.1:{port}/")
-            with supervisor(cache, workers=1, cpus=SERVER_CPU) as (base, _):
-                measure("supervisor", base + "/demo/hello")
-            capped_server = supervisor(cache, workers=1, cpus=SERVER_CPU, policies=capped_policies)
-            with capped_server as (base, _):
-                measure("capped", base + "/demo/hello")
-            if cgi_problem is None:
-                with tempfile.TemporaryDirectory() as root, nginx_cgi(Path(root)) as url:
-                    measure("cgi", url)
+        with nats_server(nats_work) as nats_url:
+            for _ in range(rounds):
+                port = free_port()
+                peer = [sys.executable, "bench/peer_h11.py", str(port)]
+                with server(peer, f"http://127.0.0.1:{port}/"):
+                    measure("peer", f"http://127.0.0.1:{port}/")
+                with supervisor(cache, workers=1, cpus=SERVER_CPU) as (base, _):
+                    measure("supervisor", base + "/demo/hello")
+                capped_server = supervisor(
+                    cache, workers=1, cpus=SERVER_CPU, policies=capped_policies
+                )
+                with capped_server as (base, _):
+                    measure("capped", base + "/demo/hello")
+                if cgi_problem is None:
+                    with tempfile.TemporaryDirectory() as root, nginx_cgi(Path(root)) as url:
+                        measure("cgi", url)
+                for store, url in (("file", None), ("nats", nats_url)):
+                    with stored_supervisor(cache, url, cpus=SERVER_CPU) as stored:
+                        measure(store, stored)
     finally:
         shutil.rmtree(capped_policies)
+        shutil.rmtree(nats_work, ignore_errors=True)
     peer, ours = median(results["peer"]), median(results["supervisor"])
     rows = [
         peer.row("trio + h11, no guest (peer)"),
@@ -268,6 +319,10 @@ def bench_hello(report: Report, cache: Path, seconds: int, rounds: int) -> None:
     ]
     if cgi_problem is None:
         rows.append(median(results["cgi"]).row("nginx + fcgiwrap, C CGI hello"))
+    rows += [
+        median(results["file"]).row("wasm-supervisor, hello uploaded, --store file:"),
+        median(results["nats"]).row("wasm-supervisor, hello uploaded, --store nats://"),
+    ]
     report.add(*table(WRK_HEADER, rows), "")
     vs_peer = ours.requests_per_s / peer.requests_per_s
     capped = median(results["capped"]).requests_per_s / peer.requests_per_s
@@ -284,7 +339,16 @@ def bench_hello(report: Report, cache: Path, seconds: int, rounds: int) -> None:
                      vs_cgi >= TARGET_VS_CGI)  # fmt: skip
     else:
         report.add(f"- nginx + fcgiwrap not measured: {cgi_problem}")
-    report.add(f"- p99, supervisor / peer: {ours.p99_ms / peer.p99_ms:.2f}", "")
+    report.add(f"- p99, supervisor / peer: {ours.p99_ms / peer.p99_ms:.2f}")
+    for store in ("file", "nats"):
+        ratio = median(results[store]).requests_per_s / peer.requests_per_s
+        report.add(
+            f"- throughput of the uploaded hello, `--store {store}:` / trio + h11 peer:"
+            f" **{ratio:.2f}**"
+        )
+        report.check(f"hello, uploaded, --store {store}: / trio+h11 (req/s)", ratio,
+                     f">= {TARGET_VS_PEER}", ratio >= TARGET_VS_PEER)  # fmt: skip
+    report.add("")
 
 
 # 2. workers ------------------------------------------------------------------------------------

@@ -1,11 +1,14 @@
 """Propagation of an admin change between two supervisors on one NATS (issue 11, section 2).
 
 Two `wasm-supervisor serve --workers 1 --store nats://...` processes (pods A and B, each its
-own cache folder) on one nats-server (Debian's, unpacked by `make test` into .cache/nats).
+own cache folder) on one nats-server (Debian's, unpacked by `make test` into .cache/nats),
+both with the same artifact key (`--artifact-key-file`), as a deployment shares one Secret.
 For each of `--changes` uploads of a new version of one module to A: the time from A's `201`
 until B serves the new bytes (B is polled with a kept-alive connection; the poll adds up to
-`POLL_S` of error). Each version is a new module (its text differs), so B fetches its bytes,
-compiles it (no shared artifacts here) and rebuilds the tenant: lazy load included.
+`POLL_S` of error). Each version is a new module (its text differs): A compiles it and
+publishes its sealed artifact before its 201, so B fetches the module's bytes and the
+artifact, verifies and deserializes it, and rebuilds the tenant: lazy load included. B's log
+is read afterwards for how many modules it compiled itself (0 when sharing works).
 
     python bench/store_propagation.py [--changes 100]
 
@@ -44,6 +47,8 @@ PROPAGATION_TIMEOUT_S = 10.0
 POLL_S = 0.001
 SERVING = re.compile(rb"serving on http://127\.0\.0\.1:(?P<port>\d+)")
 TARGET_P99_MS = 100.0
+ARTIFACT_KEY = "bench:store-propagation-benchmark-artifact-key-0123456789"
+COMPILED_HERE = re.compile(rb"module \S+ loaded in [\d.]+ms \(compiled")
 
 
 def greeter_wat(text: str) -> bytes:
@@ -94,7 +99,7 @@ def serve(work: Path, label: str, store: str) -> Iterator[str]:
         sys.executable, "-m", "supervisor.cli", "serve", "--listen", "127.0.0.1:0",
         "--metrics-listen", "127.0.0.1:0", "--workers", "1", "--tenants", str(work / "tenants"),
         "--policies", str(work / "policies"), "--cache", str(work / f"cache-{label}"),
-        "--store", store,
+        "--store", store, "--artifact-key-file", str(work / "artifact.key"),
     ]  # fmt: skip
     env = {**os.environ, "SUPERVISOR_ADMIN_TOKEN": TOKEN}
     with log.open("wb") as output:
@@ -123,8 +128,8 @@ def serve(work: Path, label: str, store: str) -> Iterator[str]:
 
 def measure(url_a: str, url_b: str, changes: int, *, new_bytes: bool) -> list[float]:
     """Seconds from each upload's 201 on A until B serves it. `new_bytes`: each version a new
-    module (B fetches and compiles it); else the same bytes under a new route each time (B
-    fetches nothing and compiles nothing: the store's watch and the rebuild alone)."""
+    module (B fetches its bytes and A's artifact); else the same bytes under a new route each
+    time (B fetches nothing and compiles nothing: the store's watch and the rebuild alone)."""
     headers = {"authorization": f"Bearer {TOKEN}"}
     module = f"{url_a}/_admin/v1/tenants/{TENANT}/modules/{'m' if new_bytes else 'r'}"
     seconds = []
@@ -168,20 +173,23 @@ def main() -> None:
         (work / "policies" / f"{TENANT}.toml").write_text(
             f'admin_token_sha256 = "{token_sha256(TOKEN)}"\n'
         )
+        (work / "artifact.key").write_text(ARTIFACT_KEY + "\n")
         with nats_server(work) as store, serve(work, "a", store) as a, serve(work, "b", store) as b:
-            compiled = measure(a, b, args.changes, new_bytes=True)
+            fetched = measure(a, b, args.changes, new_bytes=True)
             routed = measure(a, b, args.changes, new_bytes=False)
+        compiled_by_b = len(COMPILED_HERE.findall((work / "server-b.log").read_bytes()))
     load = os.getloadavg()[0]
     print(f"## Store propagation (nats-server 2.9.10, {args.changes} changes each, A's 201 -> B")
     print(f"serves; {os.cpu_count()} cores, load average {load:.1f})")
     print()
     print("| change | min | p50 | p90 | p99 | max |")
     print("| --- | --- | --- | --- | --- | --- |")
-    line, p99 = row("new bytes (B fetches and compiles)", compiled)
+    line, p99 = row("new bytes (B fetches the module and its artifact)", fetched)
     print(line)
     line, p99_routed = row("new route, same bytes (watch + rebuild)", routed)
     print(line)
     print()
+    print(f"modules B compiled itself: {compiled_by_b} (0: every artifact came from A)")
     for label, value in (("new bytes", p99), ("same bytes", p99_routed)):
         verdict = "meets" if value <= TARGET_P99_MS else "misses"
         print(f"{label}: p99 {value:.1f} ms {verdict} the target of {TARGET_P99_MS:.0f} ms")

@@ -36,10 +36,10 @@ import os
 import re
 import struct
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Generator, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 from .files import fsync_directory, write_atomically
 
@@ -51,6 +51,7 @@ __all__ = [
     "BucketUnavailable",
     "FileArtifactBucket",
     "SharedArtifacts",
+    "Unsealer",
     "load_artifact_keys",
 ]
 
@@ -72,6 +73,8 @@ _MAGIC = b"WSART1\n\0"
 _HEAD = struct.Struct(">B")  # the key id's length
 _LENGTH = struct.Struct(">Q")  # the payload's length: a truncated object is told from a short one
 _MAC_BYTES = hashlib.sha256().digest_size
+_MAX_SEAL = len(_MAGIC) + _HEAD.size + 255 + _LENGTH.size + _MAC_BYTES
+"""The longest seal (a key id's length is one byte): what `Unsealer` buffers at most."""
 _DOMAIN = b"wasm-supervisor compiled artifact v1\0"
 """Prefixes every MAC input: a key used for something else never makes a valid seal here."""
 
@@ -81,6 +84,8 @@ claim is renewed while its holder lives, so a longer compile keeps it; a folder'
 and a compile that takes longer may then run on a second pod too: wasted, never wrong."""
 CLAIM_POLL_S = 0.1
 """How often a pod that lost a claim looks for the artifact (a listing-free read of one key)."""
+READ_BLOCK_BYTES = 1024 * 1024
+"""A folder bucket's artifact is read in blocks of this, as a store's arrive in chunks."""
 DEFAULT_SWEEP_MIN_AGE_S = 3600.0
 """An artifact younger than this is never swept: its manifest may not be committed yet."""
 
@@ -155,35 +160,100 @@ class ArtifactKeys:
 
     def open(self, sealed: bytes, *, fingerprint: str, digest: str) -> memoryview:
         """The artifact inside `sealed` (no copy), once its MAC checks. Raises ArtifactRefused."""
-        view = memoryview(sealed)
-        if bytes(view[: len(_MAGIC)]) != _MAGIC:
+        unsealer = self.unsealer(fingerprint=fingerprint, digest=digest)
+        artifact = unsealer.feed(sealed)
+        unsealer.finish()
+        return artifact
+
+    def unsealer(self, *, fingerprint: str, digest: str) -> Unsealer:
+        """An `Unsealer` that opens one sealed artifact piece by piece, as it arrives."""
+        return Unsealer(dict(self.keys), fingerprint=fingerprint, digest=digest)
+
+
+class Unsealer:
+    """Opens a sealed artifact fed in pieces: each piece's artifact bytes are handed back at
+    once, so a caller can store them while the next piece is still in transit, and the MAC is
+    computed along the way. Nothing handed back may be used before `finish` returns: only
+    then is the whole artifact authenticated."""
+
+    def __init__(self, secrets: Mapping[str, bytes], *, fingerprint: str, digest: str) -> None:
+        self._secrets = secrets
+        self._fingerprint = fingerprint
+        self._digest = digest
+        self._head = bytearray()  # the seal's bytes, until it is complete
+        self._mac: hmac.HMAC | None = None  # once the seal is read
+        self._key_id = ""
+        self._expected_mac = b""
+        self._expected_length = 0
+        self.length = 0  # artifact bytes fed so far
+
+    def feed(self, piece: bytes | memoryview) -> memoryview:
+        """The artifact bytes in `piece` (a view of it, no copy; empty while the seal is
+        still incomplete). Raises ArtifactRefused as soon as the seal shows it is bad."""
+        view = memoryview(piece)
+        if self._mac is None:
+            taken = len(self._head)
+            self._head += view[: _MAX_SEAL - taken]
+            head = self._read_head(final=False)
+            if head is None:
+                return view[len(view) :]
+            view = view[head - taken :]
+            self._head = bytearray()
+        self._mac.update(view)
+        self.length += len(view)
+        return view
+
+    def finish(self) -> None:
+        """Check the whole artifact's length and MAC. Raises ArtifactRefused."""
+        if self._mac is None:  # the object ended inside its seal
+            self._read_head(final=True)  # raises, naming what is missing
+            raise ArtifactRefused("truncated seal", own_key=False)
+        if self._expected_length != self.length:
+            raise ArtifactRefused(
+                f"truncated: {self.length} of {self._expected_length} bytes", own_key=True
+            )
+        if not hmac.compare_digest(self._mac.digest(), self._expected_mac):
+            raise ArtifactRefused(f"wrong MAC for key id {self._key_id!r}", own_key=True)
+
+    def _read_head(self, *, final: bool) -> int | None:
+        """The seal's length once it is all in `_head` (and the MAC started), None while more
+        is needed (`final`: nothing more comes, so refuse). Raises ArtifactRefused."""
+        head = self._head
+        if len(head) < len(_MAGIC) and not final and _MAGIC.startswith(bytes(head)):
+            return None
+        if bytes(head[: len(_MAGIC)]) != _MAGIC:
             raise ArtifactRefused("not sealed (no artifact seal at its start)", own_key=False)
         at = len(_MAGIC)
-        if len(view) < at + _HEAD.size:
-            raise ArtifactRefused("truncated seal", own_key=False)
-        (tag_length,) = _HEAD.unpack_from(view, at)
+        if len(head) < at + _HEAD.size:
+            return _more(final, "truncated seal", own_key=False)
+        (tag_length,) = _HEAD.unpack_from(head, at)
         at += _HEAD.size
-        tag = bytes(view[at : at + tag_length])
+        if len(head) < at + tag_length:
+            return _more(final, "truncated seal", own_key=False)
+        tag = bytes(head[at : at + tag_length])
         at += tag_length
         key_id = tag.decode("ascii", "replace")
-        secret = dict(self.keys).get(key_id)
-        own = secret is not None
-        if len(view) < at + _LENGTH.size + _MAC_BYTES:
-            raise ArtifactRefused(f"truncated seal (key id {key_id!r})", own_key=own)
-        length = bytes(view[at : at + _LENGTH.size])
-        at += _LENGTH.size
-        mac = bytes(view[at : at + _MAC_BYTES])
-        artifact = view[at + _MAC_BYTES :]
+        secret = self._secrets.get(key_id)
+        if len(head) < at + _LENGTH.size + _MAC_BYTES:
+            return _more(final, f"truncated seal (key id {key_id!r})", own_key=secret is not None)
         if secret is None:
             raise ArtifactRefused(f"sealed with key id {key_id!r}, not one of ours", own_key=False)
-        if _LENGTH.unpack(length)[0] != len(artifact):
-            raise ArtifactRefused(
-                f"truncated: {len(artifact)} of {_LENGTH.unpack(length)[0]} bytes", own_key=True
-            )
-        expected = _mac(secret, tag, length, artifact, fingerprint=fingerprint, digest=digest)
-        if not hmac.compare_digest(mac, expected):
-            raise ArtifactRefused(f"wrong MAC for key id {key_id!r}", own_key=True)
-        return artifact
+        length = bytes(head[at : at + _LENGTH.size])
+        at += _LENGTH.size
+        self._key_id = key_id
+        self._expected_length = _LENGTH.unpack(length)[0]
+        self._expected_mac = bytes(head[at : at + _MAC_BYTES])
+        self._mac = _mac_over(
+            secret, tag, length, fingerprint=self._fingerprint, digest=self._digest
+        )
+        return at + _MAC_BYTES
+
+
+def _more(final: bool, reason: str, *, own_key: bool) -> None:
+    """More of the seal is needed: None while more may come, else the refusal."""
+    if final:
+        raise ArtifactRefused(reason, own_key=own_key)
+    return None
 
 
 def _mac(
@@ -195,11 +265,19 @@ def _mac(
     fingerprint: str,
     digest: str,
 ) -> bytes:
+    mac = _mac_over(secret, tag, length, fingerprint=fingerprint, digest=digest)
+    mac.update(artifact)
+    return mac.digest()
+
+
+def _mac_over(
+    secret: bytes, tag: bytes, length: bytes, *, fingerprint: str, digest: str
+) -> hmac.HMAC:
+    """The MAC of a seal's fields, ready to take the artifact's bytes."""
     mac = hmac.new(secret, _DOMAIN, hashlib.sha256)
     for part in (fingerprint.encode(), b"\0", digest.encode(), b"\0", tag, b"\0", length):
         mac.update(part)
-    mac.update(artifact)
-    return mac.digest()
+    return mac
 
 
 def load_artifact_keys(key_file: Path | None, environ: Mapping[str, str]) -> ArtifactKeys | None:
@@ -217,6 +295,12 @@ class ArtifactBucket(Protocol):
     """Where sealed artifacts live, by name `<fingerprint>/<sha256>`; claims beside them."""
 
     def get(self, name: str) -> bytes | None: ...
+    def read(self, name: str) -> Generator[bytes, None, None] | None:
+        """The object's bytes in pieces, each as soon as it is here (None: absent), so a
+        caller verifies and stores one while the next is in transit. A caller that stops
+        early closes the generator."""
+        ...
+
     def put(self, name: str, data: bytes) -> None: ...
     def delete(self, name: str) -> None: ...
     def create_claim(self, name: str, ttl_s: float) -> bool:
@@ -257,6 +341,13 @@ class FileArtifactBucket:
             return self._path(name).read_bytes()
         except FileNotFoundError:
             return None
+
+    def read(self, name: str) -> Generator[bytes, None, None] | None:
+        try:
+            file = self._path(name).open("rb")
+        except FileNotFoundError:
+            return None
+        return _blocks(file)
 
     def put(self, name: str, data: bytes) -> None:
         path = self._path(name)
@@ -314,6 +405,12 @@ class FileArtifactBucket:
                     path.unlink()
 
 
+def _blocks(file: BinaryIO) -> Generator[bytes, None, None]:
+    with file:
+        while block := file.read(READ_BLOCK_BYTES):
+            yield block
+
+
 def _split(name: str) -> tuple[str, str]:
     fingerprint, _, digest = name.partition("/")
     if not (_HEX16_RE.fullmatch(fingerprint) and _SHA256_RE.fullmatch(digest)):
@@ -347,37 +444,54 @@ class SharedArtifacts:
 
     def fetch(self, digest: str) -> memoryview | None:
         """The verified artifact of `digest`, or None (absent, unreachable, or refused)."""
+        pieces: list[memoryview] = []
+        if not self.fetch_into(digest, pieces.append):
+            return None
+        return memoryview(b"".join(pieces))
+
+    def fetch_into(self, digest: str, write: Callable[[memoryview], None]) -> bool:
+        """Hand the artifact of `digest` to `write` piece by piece, as it arrives from the
+        bucket, and authenticate it along the way: storing an 18 MB artifact then overlaps
+        its transfer. True once all of it is verified; on False (absent, unreachable or
+        refused) what `write` took must be discarded, never loaded. `write` must not raise."""
         name = self._name(digest)
+        unsealer = self.keys.unsealer(fingerprint=self.fingerprint, digest=digest)
         try:
-            sealed = self.bucket.get(name)
+            pieces = self.bucket.read(name)
+            if pieces is None:
+                return False
+            with contextlib.closing(pieces):
+                for piece in pieces:
+                    write(unsealer.feed(piece))
+            unsealer.finish()
         except BUCKET_ERRORS as exc:
             log.warning("shared artifact %s unreadable (%s): compiling", digest[:16], exc)
-            return None
-        if sealed is None:
-            return None
-        try:
-            artifact = self.keys.open(sealed, fingerprint=self.fingerprint, digest=digest)
+            return False
         except ArtifactRefused as exc:
-            self.refused += 1
-            if exc.own_key:
-                log.error(
-                    "shared artifact %s refused (%s): never loaded; deleted and rebuilt",
-                    name,
-                    exc.reason,
-                )
-                with contextlib.suppress(*BUCKET_ERRORS):
-                    self.bucket.delete(name)
-            else:
-                self._foreign.add(digest)
-                log.error(
-                    "shared artifact %s refused (%s): never loaded; rebuilt here, left in the"
-                    " bucket (it claims no key of this pod)",
-                    name,
-                    exc.reason,
-                )
-            return None
+            self._refuse(name, digest, exc)
+            return False
         self.downloaded += 1
-        return artifact
+        return True
+
+    def _refuse(self, name: str, digest: str, exc: ArtifactRefused) -> None:
+        """Count and log a refused artifact; delete it if it claims one of our key ids."""
+        self.refused += 1
+        if exc.own_key:
+            log.error(
+                "shared artifact %s refused (%s): never loaded; deleted and rebuilt",
+                name,
+                exc.reason,
+            )
+            with contextlib.suppress(*BUCKET_ERRORS):
+                self.bucket.delete(name)
+        else:
+            self._foreign.add(digest)
+            log.error(
+                "shared artifact %s refused (%s): never loaded; rebuilt here, left in the"
+                " bucket (it claims no key of this pod)",
+                name,
+                exc.reason,
+            )
 
     def claim(self, digest: str) -> bool:
         """True if this process should compile `digest` (it holds the claim, or claims are

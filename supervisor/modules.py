@@ -6,7 +6,8 @@ loads without checking, and a flipped byte loads without error (FACTS.md), so:
 
 - artifacts live in the cache directory only (never under `tenants/`, where tenants write);
 - each is written atomically (temp file, fsync, rename, fsync the folder), and its size and
-  CRC-32 are recorded beside it *after* it is complete;
+  CRC-32 are recorded beside it *after* it is complete (one downloaded from the store is not
+  fsync'd: a torn one fails its record's check and is downloaded again);
 - before an artifact is trusted, its size and checksum are checked against that record; a
   mismatch, a missing record or a failed load means it is rebuilt, never loaded.
 
@@ -39,7 +40,10 @@ worker: the child hands back the serialized artifact, which is stored as above a
 A module this cache lacks is first looked for in the store's shared artifacts (artifacts.py),
 sealed with the pod's HMAC keys and verified before anything deserializes it; only if it is
 not there (or fails verification) is it compiled, once per cluster, and then published. The
-cache folder is named by the engine fingerprint (fingerprint.py), as the store's artifacts are.
+store's artifact is found by the module's digest alone (`load_cached`: a 20 MB module is then
+neither read nor hashed), and streamed into this cache as it arrives, its MAC, checksum and
+write overlapping the transfer; it is renamed into place and mapped only once the MAC checks.
+The cache folder is named by the engine fingerprint (fingerprint.py), as the store's are.
 
 Everything here blocks: callers run it in a worker thread.
 """
@@ -54,6 +58,7 @@ import mmap
 import os
 import re
 import stat
+import tempfile
 import threading
 import time
 import weakref
@@ -177,17 +182,21 @@ class ArtifactCache:
     ) -> CompiledModule:
         """Compile `binary` within `limits` (the tenant's policy), or load its verified
         artifact. A module over the policy's bounds is refused even if another tenant's
-        upload compiled it already. `not_cached`: `load_cached` just found no valid artifact
-        (a corrupt one is then neither verified nor counted twice). Raises ModuleRejected."""
+        upload compiled it already. `not_cached`: `load_cached` just found no valid artifact,
+        here nor in the store (a corrupt one is then neither verified nor counted twice, and
+        the store is not asked twice). Raises ModuleRejected."""
         check_compile_bounds(binary, limits, name=name)
         digest = hashlib.sha256(binary).hexdigest()
         with self._lock_for(digest):
             started = time.perf_counter()
-            cached = None if not_cached else self._cached(digest, len(binary), started)
-            if cached is not None:
-                return cached
+            if not not_cached:
+                cached = self._cached(digest, len(binary), started) or self._downloaded(
+                    digest, len(binary), started
+                )
+                if cached is not None:
+                    return cached
             self.misses += 1
-            module = self._from_shared(digest)
+            module = self._from_claimed(digest)
             from_store = module is not None
             if module is None:
                 module = self._compile(binary, digest, name=name, limits=limits)
@@ -195,22 +204,62 @@ class ArtifactCache:
             self._in_memory[digest] = module
             return CompiledModule(digest, len(binary), module, compile_s, from_store)
 
-    def _from_shared(self, digest: str) -> wasmtime.Module | None:
-        """The module from the store's verified artifact, kept in the local cache too; None if
-        there is none (or no store), or another pod claimed its compile and did not finish."""
+    def _downloaded(self, digest: str, size: int, started: float) -> CompiledModule | None:
+        """The module from the store's verified artifact (then kept in this cache too), or
+        None: no store, or no valid artifact there yet."""
         if self.shared is None:
             return None
-        artifact = self.shared.fetch(digest)
-        if artifact is None and not self.shared.claim(digest):
-            log.info("module %s: another pod is compiling it; waiting", digest[:16])
-            artifact = self.shared.await_other(digest)
-        if artifact is None:
+        module = self._download(self.shared, digest)
+        if module is None:
             return None
+        self.misses += 1
+        self._in_memory[digest] = module
+        return CompiledModule(digest, size, module, time.perf_counter() - started, True)
+
+    def _download(self, shared: SharedArtifacts, digest: str) -> wasmtime.Module | None:
+        """Stream the store's artifact of `digest` into this cache while it is verified, then
+        map it: the transfer, the MAC, the write and the checksum overlap, and nothing is
+        loaded before the whole artifact checks. None if there is none or it is refused."""
+        if not self.usable:
+            artifact = shared.fetch(digest)
+            return None if artifact is None else self._deserialize(digest, artifact)
+        with _Download(self.directory / f"{digest}{ARTIFACT_SUFFIX}") as download:
+            if not shared.fetch_into(digest, download.write):
+                return None
+            if not download.commit():  # the disk failed: load it from memory
+                return self._deserialize(digest, download.joined())
+        try:
+            write_atomically(
+                self._paths(digest)[1],
+                json.dumps({"size": download.size, "crc32": download.crc32}).encode(),
+            )
+            fsync_directory(self.directory)
+        except OSError as exc:  # without its record it is rebuilt later, never trusted
+            log.warning("could not store the record of artifact %s: %s", digest[:16], exc)
+        else:
+            self._note_stored(digest, download.size)
+        try:
+            return wasmtime.Module.deserialize_file(self.engine, str(download.path))
+        except wasmtime.WasmtimeError as exc:  # sealed by us, yet refused: an engine mismatch
+            log.warning("shared artifact %s did not load (%s); compiling", digest[:16], exc)
+            return None
+
+    def _deserialize(self, digest: str, artifact: memoryview | bytes) -> wasmtime.Module | None:
         try:
             return self._keep(digest, artifact)
         except wasmtime.WasmtimeError as exc:  # sealed by us, yet refused: an engine mismatch
             log.warning("shared artifact %s did not load (%s); compiling", digest[:16], exc)
             return None
+
+    def _from_claimed(self, digest: str) -> wasmtime.Module | None:
+        """When another pod holds the claim on compiling `digest`, the module from its
+        artifact once published; None (compile here) with no store, with the claim won, or
+        when the claimer did not finish."""
+        if self.shared is None or self.shared.claim(digest):
+            return None
+        log.info("module %s: another pod is compiling it; waiting", digest[:16])
+        artifact = self.shared.await_other(digest)
+        return None if artifact is None else self._deserialize(digest, artifact)
 
     def _compile(
         self, binary: bytes, digest: str, *, name: str, limits: CompileLimits
@@ -241,10 +290,13 @@ class ArtifactCache:
         """The verified artifact of the module whose SHA-256 is `digest`, or None.
 
         For a caller that knows the digest without reading the module: a content-addressed
-        file, verified when it was written. A 20 MB module then loads without being read.
+        file, verified when it was written. A 20 MB module then loads without being read,
+        from this cache or else from the store's shared artifact (authenticated by the MAC,
+        which names `digest`): only a module found in neither needs its bytes, to compile.
         """
         with self._lock_for(digest):
-            return self._cached(digest, size, time.perf_counter())
+            started = time.perf_counter()
+            return self._cached(digest, size, started) or self._downloaded(digest, size, started)
 
     def _cached(self, digest: str, size: int, started: float) -> CompiledModule | None:
         module = self._in_memory.get(digest) or self._load_artifact(digest)
@@ -517,6 +569,75 @@ def _private_folder(folder: Path) -> bool:
             stat.S_IMODE(info.st_mode),
         )
     return True
+
+
+class _Download:
+    """An artifact being written to `path` as it arrives: a temp file beside it (named as
+    `files.write_atomically` names its own, so a crash's leftover is collected the same way)
+    and its CRC-32, renamed into place by `commit` once the store's MAC checked it. Its pieces
+    are kept too: if the disk fails, the artifact still loads from memory."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.size = 0
+        self.crc32 = 0
+        self._pieces: list[memoryview] = []
+        self._file: BinaryIO | None = None
+        self._temp: Path | None = None
+        try:
+            fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        except OSError as exc:
+            log.warning("could not store artifact %s: %s", path.name, exc)
+            return
+        self._temp = Path(temp)
+        self._file = os.fdopen(fd, "wb")
+
+    def __enter__(self) -> _Download:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._close()
+        if self._temp is not None:  # not committed: unverified, or the disk failed
+            self._temp.unlink(missing_ok=True)
+
+    def write(self, piece: memoryview) -> None:
+        """Take one piece (never raises: a failing disk only means loading from memory)."""
+        self._pieces.append(piece)
+        self.size += len(piece)
+        self.crc32 = zlib.crc32(piece, self.crc32)
+        if self._file is not None:
+            try:
+                self._file.write(piece)
+            except OSError as exc:
+                log.warning("could not store artifact %s: %s", self.path.name, exc)
+                self._close()
+
+    def commit(self) -> bool:
+        """Put the written artifact in place; False if the disk failed.
+
+        Not fsync'd (8-10 ms for 18 MB, on a first request's path): the store keeps the
+        artifact, and the record written after it holds its size and CRC-32, checked at every
+        load, so an artifact torn by a power cut costs a download, never a bad load."""
+        if self._file is None or self._temp is None:
+            return False
+        try:
+            self._file.flush()
+            self._close()
+            os.replace(self._temp, self.path)
+        except OSError as exc:
+            log.warning("could not store artifact %s: %s", self.path.name, exc)
+            return False
+        self._temp = None
+        return True
+
+    def joined(self) -> bytes:
+        return b"".join(self._pieces)
+
+    def _close(self) -> None:
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+            self._file = None
 
 
 def _stamp_last_use(artifact: Path) -> None:

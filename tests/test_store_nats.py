@@ -7,6 +7,8 @@ nats-server is Debian's, started and stopped by the tests (tests/nats_server.py)
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import subprocess
 import sys
 
@@ -18,6 +20,8 @@ from tcp_relay import relay_to
 from test_admin import OPERATOR, admin_tenant, greeter, module_url, start_admin, upload
 from test_admin_multipod import served_within
 
+from supervisor.artifacts import ArtifactKeys
+from supervisor.modules import to_binary
 from supervisor.store import ModuleRecord, ModuleVersion
 from supervisor.store.file_store import FileStore
 from supervisor.store.settings import StoreSettings
@@ -65,6 +69,53 @@ async def test_an_upload_to_one_supervisor_is_served_by_the_other(
     assert shown.status_code == 404
     # Nothing was written to the tenants folder: the uploads live in NATS.
     assert not (workspace.tenants / "acme" / "manifest.json").exists()
+
+
+async def test_an_upload_through_one_pod_loads_in_the_other_from_its_artifact_alone(
+    workspace, start_supervisor, nats
+):
+    """With one artifact key, pod A compiles an upload and publishes its sealed artifact
+    before its 201; pod B then loads the module from that artifact by digest: it compiles
+    nothing, and never needs the module's bytes (a 20 MB runtime is neither read nor hashed),
+    shown here by removing them from B's disk and from the store before B's first request."""
+    admin_tenant(workspace, "acme")
+    keys = ArtifactKeys.parse("pods:" + "k" * 40, source="test")
+    pods = [
+        await start_admin(
+            start_supervisor,
+            cache_dir=workspace.root / f"cache-{name}",
+            store=StoreSettings.parse(nats.url),
+            artifact_keys=keys,
+        )
+        for name in ("a", "b")
+    ]
+    source = greeter("from the artifact")
+    assert (await upload(pods[0].client, "acme", "m", source, route="/m")).status_code == 201
+    digest = hashlib.sha256(to_binary(source, name="m.wat")).hexdigest()
+    store_b = pods[1].app.registry.uploads
+    with trio.fail_after(10):  # B's watch fetches the bytes before it installs the manifest
+        while not store_b.module_path("acme", digest, fetch=False).exists():
+            await trio.sleep(0.01)
+    await trio.to_thread.run_sync(_delete_object, nats.url, store_b.object_bucket, digest)
+    store_b.module_path("acme", digest, fetch=False).unlink()
+    await served_within(pods[1].client, "/acme/m", "from the artifact\n")
+    cache_a, cache_b = (running.app.registry.cache for running in pods)
+    assert (cache_a.compiled, cache_a.shared.published) == (1, 1)
+    assert (cache_b.compiled, cache_b.shared.downloaded, cache_b.shared.refused) == (0, 1, 0)
+
+
+def _delete_object(url: str, bucket: str, name: str) -> None:
+    """Delete one object of an Object Store bucket, with a client of the test's own."""
+    import nats as nats_client
+
+    async def delete() -> None:
+        client = await nats_client.connect(url)
+        try:
+            await (await client.jetstream().object_store(bucket)).delete(name)
+        finally:
+            await client.close()
+
+    asyncio.run(delete())
 
 
 async def test_50_concurrent_changes_split_between_two_supervisors_lose_none(

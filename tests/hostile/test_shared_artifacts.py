@@ -202,6 +202,54 @@ def test_second_pod_loads_from_the_store_without_compiling(
     assert (again.compiled, again.hits, again.shared.downloaded) == (0, 1, 0)
 
 
+def test_a_module_loads_from_the_store_by_digest_without_its_bytes(
+    tmp_path: Path, store, sandbox: Sandbox
+) -> None:
+    """A pod that knows a module's sha256 (from a manifest) takes its artifact from the store
+    without the module's bytes: the MAC names the digest, so nothing needs reading or hashing.
+    The artifact is streamed into the pod's own cache while it is verified: a restart of the
+    pod then loads it from disk, with no store."""
+    first = pod(tmp_path, store, sandbox, "a", OLD)
+    compiled = first.load(HELLO, name="hello.wat")
+    second = pod(tmp_path, store, sandbox, "b", OLD)
+    loaded = second.load_cached(compiled.sha256, size=compiled.size)
+    assert loaded is not None and loaded.cache_hit
+    assert (second.compiled, second.shared.downloaded, second.shared.refused) == (0, 1, 0)
+    restarted = ArtifactCache(tmp_path / "cache-b", sandbox.engine, sandbox.settings, sandbox.code)
+    assert restarted.load_cached(compiled.sha256, size=compiled.size) is not None
+    assert restarted.hits == 1
+    assert not list((tmp_path / "cache-b").rglob("*.tmp"))  # the download's temp file is gone
+
+
+@pytest.mark.parametrize("piece", [1, 7, 64, 1 << 20])
+def test_an_artifact_opens_the_same_fed_in_pieces(sandbox: Sandbox, piece: int) -> None:
+    """A store hands an artifact over in chunks as they arrive: opened piece by piece (the
+    seal split anywhere), it is the artifact; a flipped byte in its last piece or a missing
+    tail is refused at the end, and an unsealed object at its first piece."""
+    raw = wasmtime.Module(sandbox.engine, HELLO).serialize()
+    digest = hashlib.sha256(HELLO).hexdigest()
+    sealed = OLD.seal(raw, fingerprint="f" * 16, digest=digest)
+
+    def feed(data: bytes) -> bytes:
+        unsealer = OLD.unsealer(fingerprint="f" * 16, digest=digest)
+        out = b"".join(
+            bytes(unsealer.feed(data[at : at + piece])) for at in range(0, len(data), piece)
+        )
+        unsealer.finish()
+        return out
+
+    assert feed(sealed) == raw
+    with pytest.raises(ArtifactRefused, match="wrong MAC"):
+        feed(sealed[:-1] + bytes([sealed[-1] ^ 1]))
+    with pytest.raises(ArtifactRefused, match="truncated"):
+        feed(sealed[: len(sealed) - 10])
+    with pytest.raises(ArtifactRefused, match="truncated seal"):
+        feed(sealed[:20])
+    unsealer = OLD.unsealer(fingerprint="f" * 16, digest=digest)
+    with pytest.raises(ArtifactRefused, match="not sealed"):
+        unsealer.feed(raw[:piece])
+
+
 @pytest.mark.parametrize(
     "damage",
     [
