@@ -265,7 +265,7 @@ class NatsConnection:
             try:
                 client = await nats.connect(**self._options())
             except Exception as exc:
-                self.last_error = self._describe(exc)
+                self._note_failure(exc)
                 if attempt == 1 or attempt % 20 == 0:
                     log.warning(
                         "store: %s; retrying every %.1f s", self.last_error, RECONNECT_WAIT_S
@@ -335,7 +335,19 @@ class NatsConnection:
         await self._connected_now()
 
     async def _error(self, exc: Exception) -> None:
-        self.last_error = self._describe(exc)
+        self._note_failure(exc)
+
+    def _note_failure(self, exc: BaseException) -> None:
+        """Keep a refused sign-in as the reason over the hang-up that follows it: the server
+        closes the connection after refusing, and the client may see the reset first."""
+        description = self._describe(exc)
+        hung_up = isinstance(exc, (ConnectionError, EOFError)) or type(exc).__name__ in (
+            "UnexpectedEOF",
+            "ConnectionClosedError",
+        )
+        if hung_up and " refused the sign-in " in self.last_error:
+            return
+        self.last_error = description
 
     async def _close(self) -> None:
         """Close the client, then end every task of the loop (watches), so none is left
