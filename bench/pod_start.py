@@ -1,7 +1,9 @@
 """A new pod's cost (issue 11): exec to the first 200, and memory with many tenants.
 
 Every figure is measured in one run, beside the floor it is compared with: the bare import
-time of the serving dependencies, `python -c "import trio, h11, wasmtime, prometheus_client"`.
+time of the serving dependencies as issue 11 defines it,
+`python -c "import trio, h11, wasmtime, prometheus_client, nats"` (nats-py: the NATS store's
+client, which a pod on NATS imports).
 
 - exec of `wasm-supervisor serve` to the first `200` on a hello route, the module's artifact
   already stored (the file store's shared artifact cache is the pod's disk cache, so "artifact
@@ -40,7 +42,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 HELLO = (REPO / "tenants" / "demo" / "hello.wat").read_text()
-FLOOR_IMPORTS = "import trio, h11, wasmtime, prometheus_client"
+FLOOR_IMPORTS = "import trio, h11, wasmtime, prometheus_client, nats"
 POLL_S = 0.002
 START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 30.0
