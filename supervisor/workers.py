@@ -13,11 +13,11 @@ The supervisor
   serve arguments in a fork of itself, handing it the serving socket (SCM_RIGHTS): one accept
   queue, and the kernel gives each new connection to whichever worker accepts first. A
   worker also gets a private unix socket for its own `/metrics`, a pipe on which it says
-  "ready" once it has read every tenant (no module loads before: each loads on its first
-  request), the read end of a pipe the supervisor never writes (EOF = the supervisor is
-  gone: drain and exit), and its column in the pod-wide tenant counts (pod_limits.py). All
-  workers start at once, and each accepts (told by SIGUSR2) as soon as it is ready: the pod
-  answers when its first worker is;
+  "ready" once it has read every policy (its tenants are built while it serves, a request
+  waiting for its own; no module loads before its first request), the read end of a pipe
+  the supervisor never writes (EOF = the supervisor is gone: drain and exit), and its
+  column in the pod-wide tenant counts (pod_limits.py). All workers start at once, and each
+  accepts (told by SIGUSR2) as soon as it is ready: the pod answers when its first worker is;
 - restarts a worker that dies, after `RESTART_DELAY_S` doubled per crash in a row (up to
   `MAX_RESTART_DELAY_S`; a worker that served `BACKOFF_RESET_S` resets it), counted in
   `wasm_supervisor_worker_restarts_total`;
@@ -197,17 +197,23 @@ async def _run_worker(config: app.AppConfig, handoff: Handoff) -> None:
                     listeners=listeners,
                     metrics_listeners=metrics_listeners,
                     pod=pod,
+                    on_serving=functools.partial(_say_ready, handoff.ready_fd),
                     task_status=task_status,
                 )
                 nursery.cancel_scope.cancel()  # drained: stop watching the supervisor
 
             await nursery.start(_accept_when_told, listeners)
-            running = await nursery.start(serve)
-            os.write(handoff.ready_fd, b"r")
-            os.close(handoff.ready_fd)
+            running = await nursery.start(serve)  # every tenant built
             nursery.start_soon(_drain_when_orphaned, handoff.parent_fd, running.shutdown)
     finally:
         pod.close()
+
+
+def _say_ready(ready_fd: int) -> None:
+    """Tell the supervisor this worker serves: its policies are read, its tenants are being
+    built (a request waits for its own)."""
+    os.write(ready_fd, b"r")
+    os.close(ready_fd)
 
 
 def _inherited_listener(fd: int) -> trio.SocketListener:
