@@ -1,7 +1,8 @@
 """A new pod's cost (issue 11): exec to the first 200, and memory with many tenants.
 
-Every figure is measured in one run, beside the floor it is compared with: the bare import
-time of the serving dependencies as issue 11 defines it,
+Every figure is measured in one run, beside the floor it is compared with, measured just
+before each store's rows (median of 5 or more): the bare import time of the serving
+dependencies as issue 11 defines it,
 `python -c "import trio, h11, wasmtime, prometheus_client, nats"` (nats-py: the NATS store's
 client, which a pod on NATS imports).
 
@@ -56,6 +57,8 @@ REPO = Path(__file__).resolve().parent.parent
 HELLO = (REPO / "tenants" / "demo" / "hello.wat").read_text()
 FLOOR_IMPORTS = "import trio, h11, wasmtime, prometheus_client, nats"
 POLL_S = 0.002
+METRICS_POLL_S = 0.02
+"""Scrapes of /metrics (a few ms each with 10,000 tenants) while a pod builds its tenants."""
 NATS_SERVER = REPO / ".cache" / "nats" / "usr" / "sbin" / "nats-server"
 TOKEN = "pod-start-benchmark-operator-token"
 ARTIFACT_KEY = "bench:pod-start-benchmark-artifact-key-0123456789"
@@ -188,8 +191,9 @@ def metric(port: int, name: str) -> float:
 
 
 def memory_with_many_tenants(root: Path, cache: Path, *extra: str) -> dict[str, float]:
-    """A pod of `MANY` tenants laid out in `root`: seconds to /healthz 200, RSS then and
-    after `ACTIVE` of them (t0.., a module each) served a request."""
+    """A pod of `MANY` tenants laid out in `root`: seconds to /healthz 200 and until every
+    tenant is built (it builds them while it serves), RSS then and after `ACTIVE` of them
+    (t0.., a module each) served a request."""
     metrics_port = free_port()
     with serving(root, cache, 1, f"--metrics-listen=127.0.0.1:{metrics_port}", *extra) as (
         process,
@@ -198,6 +202,12 @@ def memory_with_many_tenants(root: Path, cache: Path, *extra: str) -> dict[str, 
     ):
         until_200(port, "/healthz", process)
         ready_s = time.perf_counter() - started
+        deadline = started + START_TIMEOUT_S
+        while metric(metrics_port, "wasm_supervisor_tenants") != MANY:
+            if time.perf_counter() > deadline:
+                raise RuntimeError(f"{MANY} tenants not built within {START_TIMEOUT_S} s")
+            time.sleep(METRICS_POLL_S)
+        built_s = time.perf_counter() - started
         metadata = rss_bytes(process.pid)
         for index in range(ACTIVE):
             status, _ = get(port, f"/t{index}/hello", timeout_s=60)
@@ -205,6 +215,7 @@ def memory_with_many_tenants(root: Path, cache: Path, *extra: str) -> dict[str, 
         served = rss_bytes(process.pid)
         return {
             "ready_s": ready_s,
+            "built_s": built_s,
             "rss_read_mib": metadata / 2**20,
             "rss_served_mib": served / 2**20,
             "loaded": metric(metrics_port, "wasm_supervisor_loaded_modules"),
@@ -281,6 +292,7 @@ def lay_out_in_store(root: Path, tenants: int, url: str, prefix: str, *, distinc
 
 
 def print_rows(store: str, floor: float, rows: list[tuple[str, float]]) -> None:
+    print(f'{store}: floor `python -c "{FLOOR_IMPORTS}"` just before: {floor * 1000:.0f} ms')
     print(f"| {store}: exec to the first 200 on /t0/hello | median | x floor |")
     print("|---|---|---|")
     for label, seconds in rows:
@@ -292,7 +304,8 @@ def print_rows(store: str, floor: float, rows: list[tuple[str, float]]) -> None:
 
 def print_memory(store: str, many: dict[str, float]) -> None:
     print(
-        f"{store}: {MANY:,} tenants, --workers 1: ready (/healthz 200) in {many['ready_s']:.2f} s;"
+        f"{store}: {MANY:,} tenants, --workers 1: ready (/healthz 200) in {many['ready_s']:.2f} s,"
+        f" every tenant built in {many['built_s']:.2f} s;"
         f" RSS {many['rss_read_mib']:.0f} MiB with their metadata read, no module loaded;"
         f" {many['rss_served_mib']:.0f} MiB after {ACTIVE} of them (a module each) served:"
         f" {many['loaded']:.0f} modules loaded, {many['loaded_mib']:.1f} MiB of artifacts"
@@ -300,7 +313,8 @@ def print_memory(store: str, many: dict[str, float]) -> None:
     )
 
 
-def file_store(work: Path, runs: int, floor: float) -> None:
+def file_store(work: Path, runs: int) -> None:
+    floor = floor_s(max(runs, 5))
     one, thousand = work / "one", work / "thousand"
     lay_out(one, 1)
     lay_out(thousand, 1000)
@@ -319,7 +333,7 @@ def file_store(work: Path, runs: int, floor: float) -> None:
     print_memory("file", memory_with_many_tenants(many, work / "many-cache"))
 
 
-def nats_store(work: Path, runs: int, floor: float) -> None:
+def nats_store(work: Path, runs: int) -> None:
     work.mkdir(parents=True)
     key_file = work / "artifact.key"
     key_file.write_text(ARTIFACT_KEY + "\n")
@@ -333,6 +347,7 @@ def nats_store(work: Path, runs: int, floor: float) -> None:
             return [f"--store={url}", f"--store-prefix={prefix}", f"--artifact-key-file={key_file}"]
 
         # The warm-up run publishes the artifact; every measured run starts with no cache.
+        floor = floor_s(max(runs, 5))
         rows = [
             (
                 "1 tenant, --workers 1",
@@ -359,12 +374,10 @@ def main() -> None:
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="pod-start-"))
     subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "supervisor")], check=True)
-    floor = floor_s(max(args.runs, 5))
-    print(f'floor `python -c "{FLOOR_IMPORTS}"`: {floor * 1000:.0f} ms (median)')
     if args.store in ("file", "both"):
-        file_store(work / "file", args.runs, floor)
+        file_store(work / "file", args.runs)
     if args.store in ("nats", "both"):
-        nats_store(work / "nats", args.runs, floor)
+        nats_store(work / "nats", args.runs)
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
 
