@@ -13,6 +13,7 @@ import os
 import resource
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -127,12 +128,17 @@ async def run(
     listeners: list[trio.SocketListener] | None = None,
     metrics_listeners: list[trio.SocketListener] | None = None,
     pod: PodCounters | None = None,
+    on_serving: Callable[[], None] | None = None,
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until SIGTERM/SIGINT (or `shutdown` is set), then drain and return.
 
     A worker of `serve --workers N` (workers.py) passes the sockets its supervisor bound (the
     serving port; a private socket for its `/metrics`) and the pod-wide tenant counts.
+
+    The server accepts (and `on_serving` is called) once the policies are read; the tenants
+    are built while it serves, and `task_status.started` is called once they all are (a
+    request for one not built yet waits for it: tenants.py).
     """
     malloc.return_large_buffers_to_the_os()
     with Sandbox(max_instances=2 * config.slots + LOADING_INSTANCES) as sandbox:
@@ -178,17 +184,12 @@ async def run(
             if not synced:
                 log.warning("%s; serving what is cached until it answers", registry.not_ready())
         started = time.perf_counter()
-        # No module is loaded: each loads on its route's first request (loaded_modules.py),
-        # and `_routes` never learned are learned by the first `watch` reload.
-        state = await trio.to_thread.run_sync(
-            functools.partial(registry.reload, learn_routes=False)
-        )
+        served = await trio.to_thread.run_sync(registry.read_policies)
         log.info(
-            "read %d tenants (%d routes) in %.2fs, no module loaded; %d errors",
-            len(state.tenants),
-            sum(len(tenant.routes) for tenant in state.tenants.values()),
+            "read %d policies in %.2fs; %d errors",
+            served,
             time.perf_counter() - started,
-            len(state.errors),
+            len(registry.state.errors),
         )
         server_config = replace(
             config.server, max_connections=_connection_limit(config.server, config.slots)
@@ -257,6 +258,9 @@ async def run(
                 )
                 scheme = "http" if server_config.tls_cert is None else "https"
                 log.info("serving on %s://%s:%d", scheme, config.host, port)
+                if on_serving is not None:
+                    on_serving()
+                await _build_tenants(registry)
                 task_status.started(RunningApp(port, metrics_port, registry, admission, shutdown))
             # `serve` returned: shutdown was asked and in-flight requests are drained.
             nursery.cancel_scope.cancel()
@@ -264,6 +268,21 @@ async def run(
         guest_threads.close()
         registry.outbound.close()
         log.info("stopped")
+
+
+async def _build_tenants(registry: TenantRegistry) -> None:
+    """Build every tenant while the server serves. No module is loaded: each loads on its
+    route's first request (loaded_modules.py), and `_routes` never learned are learned by the
+    first `watch` reload."""
+    started = time.perf_counter()
+    state = await registry.fill()
+    log.info(
+        "read %d tenants (%d routes) in %.2fs, no module loaded; %d errors",
+        len(state.tenants),
+        sum(len(tenant.routes) for tenant in state.tenants.values()),
+        time.perf_counter() - started,
+        len(state.errors),
+    )
 
 
 def _connection_limit(config: server.ServerConfig, slots: int) -> int:

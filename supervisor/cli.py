@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import importlib
 import json
 import logging
 import os
@@ -35,6 +36,7 @@ from . import (
 )
 from .auth import operator_token_sha256
 from .errors import ConfigError
+from .fork_server import ForkServer, ForkServerGone
 from .store.settings import StoreSettings
 
 DEFAULT_PORT = 8080
@@ -378,7 +380,7 @@ def _serve(args: argparse.Namespace, serve_args: list[str]) -> int:
         return 2
     try:
         if args.workers > 1:
-            return trio.run(workers.supervise, config, args.workers, serve_args)
+            return _supervise(config, args.workers, serve_args)
         faulthandler.enable()  # a fatal signal prints the Python stacks (workers.run_worker)
         trio.run(app.run, config)
     except OSError as exc:
@@ -388,6 +390,26 @@ def _serve(args: argparse.Namespace, serve_args: list[str]) -> int:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2
     return 0
+
+
+def _supervise(config: app.AppConfig, count: int, serve_args: list[str]) -> int:
+    """`serve --workers N`: fork the fork server now, before `trio.run` starts any thread,
+    with every module a worker imports already imported (the NATS client too, when the store
+    is NATS: the file store never imports it)."""
+    if config.store is not None and not config.store.is_file:
+        importlib.import_module("supervisor.store.nats_store")
+        importlib.import_module("supervisor.store.nats_artifacts")
+    fork_server = ForkServer.start(workers.forked_worker(main, serve_args))
+    try:
+        return trio.run(workers.supervise, config, count, fork_server)
+    except BaseExceptionGroup as group:  # raised in the supervisor's nursery
+        gone = group.subgroup(ForkServerGone)
+        if gone is None:
+            raise
+        print(f"error: {gone.exceptions[0]}: no worker can be started", file=sys.stderr)
+        return 1
+    finally:
+        fork_server.close()
 
 
 def _worker(args: argparse.Namespace) -> int:

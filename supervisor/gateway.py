@@ -26,12 +26,16 @@ from .policies import Policy
 from .routing import RouteMatch
 from .sandbox import GuestRun, Sandbox
 from .server import Handler, Request, RequestBody, Response
-from .tenants import RouteTarget, Tenant, TenantRegistry
+from .tenants import RegistryState, RouteTarget, Tenant, TenantRegistry
 
 access_log = logging.getLogger("supervisor.access")
 guest_log = logging.getLogger("supervisor.guest")
 
 HEALTH_PATH = "/healthz"
+FILLING_WAIT_S = 10.0
+"""How long a request waits for its tenant to be built while the pod is just up (one tenant
+takes well under a millisecond: only a tenant stuck behind a slow read waits this long);
+then 503 with Retry-After."""
 _TEXT = [(b"content-type", b"text/plain; charset=utf-8")]
 _STDERR_LOG_LIMIT = 4096
 """Bytes of a guest's stderr copied into the process log per request (the rest is counted)."""
@@ -97,6 +101,7 @@ class Gateway:
                 return Response(503, list(_TEXT), diverged.encode() + b"\n")
             return Response(200, list(_TEXT), b"OK\n")
         if self.admin is not None and request.path.startswith(ADMIN_PREFIX):
+            await self.registry.filled()  # the pod is just up: every tenant known first
             return await self.admin(request, body)
         # In flight from here until the response is handed to the server, however it ends.
         self.metrics.request_started()
@@ -113,7 +118,7 @@ class Gateway:
             if self.registry.behind():  # another worker of the pod committed an admin change
                 await self.registry.catch_up()
             try:
-                resolved = self._resolve(request)
+                resolved = await self._resolve_while_filling(request)
             except _RoutesPending as pending:  # the pod is just up: learn them, then look again
                 policy = pending.tenant.policy
                 deadline = (
@@ -124,7 +129,7 @@ class Gateway:
                         f"tenant {pending.tenant.name!r} is still learning its routes",
                         retry_after=1,
                     ) from None
-                resolved = self._resolve(request)
+                resolved = self._resolve(request, self.registry.state)
             tenant_name = resolved.tenant.name
             route = resolved.match.route.pattern
             run, response, outcome = await self._run(request, body, resolved)
@@ -170,9 +175,25 @@ class Gateway:
             usage.fuel_used += fuel_used
         return response
 
-    def _resolve(self, request: Request) -> _Resolved:
+    async def _resolve_while_filling(self, request: Request) -> _Resolved:
+        """`_resolve`; while the pod is just up and still building its tenants, a request
+        whose tenant is not built yet has it built next and waits for it (milliseconds)."""
+        try:
+            return self._resolve(request, self.registry.state)
+        except NotFound:
+            host = host_name(request.host) if request.host else None
+            name = self.root_tenant or request.path[1:].partition("/")[0]
+            with trio.move_on_after(FILLING_WAIT_S):
+                state = await self.registry.filling_state(host, name)
+                if state is None:
+                    raise
+                return self._resolve(request, state)
+            raise ModuleLoading(
+                f"the tenant of {request.path!r} is not read yet", retry_after=1
+            ) from None
+
+    def _resolve(self, request: Request, state: RegistryState) -> _Resolved:
         """Tenant by `Host` first, else by the first path segment; then the route."""
-        state = self.registry.state
         tenant = state.tenant_for_host(host_name(request.host)) if request.host else None
         base_path = ""
         path = request.path

@@ -17,6 +17,11 @@ tenant that fails to rebuild keeps its last good state while the error is report
 key and reason, and is tried again with backoff (at once when its files change again). One
 broken tenant never stops the others.
 
+A pod is ready once its policies are read (`read_policies`, every file checked, errors logged
+and counted): building the tenants (modules.toml, manifests, route tables: ~0.3 s for 1,000
+tenants here) goes on while it serves (`fill`), and a request for a tenant not built yet has it
+built next and waits for it.
+
 A worker that keeps serving a tenant from an older manifest than the one on disk (the pod, or
 another pod, committed it and this worker failed to load it) has split from the pod:
 `divergence` says so in one line, and `/healthz` answers 503 with it until a retry converges.
@@ -35,6 +40,7 @@ import os
 import threading
 import time
 import urllib.parse
+from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,15 +160,16 @@ class RegistryState:
 
     def tenant_for_host(self, host: str) -> Tenant | None:
         """The tenant whose policy lists `host` (already lower-cased, no port)."""
+        name = self.name_for_host(host)
+        return None if name is None else self.tenants.get(name)
+
+    def name_for_host(self, host: str) -> str | None:
         name = self.exact_hosts.get(host)
         if name is None:
             for suffix, tenant in self.wildcard_hosts:
                 if host.endswith(suffix):
-                    name = tenant
-                    break
-            else:
-                return None
-        return self.tenants.get(name)
+                    return tenant
+        return name
 
 
 StatKey = tuple[int, int, int]
@@ -216,6 +223,43 @@ class _Retry:
 
 
 EMPTY_STATE = RegistryState(MappingProxyType({}), MappingProxyType({}), (), MappingProxyType({}))
+
+
+class _Filling:
+    """The first build of every tenant, running while the pod serves. The building thread
+    writes `built` and takes the names of `wanted` first; the event loop reads `built` and
+    adds to `wanted`."""
+
+    def __init__(self, names: frozenset[str], exact: dict, wildcard: list, errors: Mapping) -> None:
+        self.names = names  # every tenant with a valid policy: each is built, or fails
+        self.built: dict[str, Tenant] = {}
+        self.failed: set[str] = set()  # built and refused (errors): not served
+        # What `state` will hold, but the tenants: built ones are in `built`.
+        self.state = RegistryState(
+            MappingProxyType(self.built), MappingProxyType(exact), tuple(wildcard), errors
+        )
+        self.wanted: deque[str] = deque()  # asked for by requests, built next
+        self.waiters: dict[str, trio.Event] = {}  # by name (event loop only)
+        self.done = trio.Event()
+
+    def order(self, names: Iterable[str]) -> Iterator[str]:
+        """`names`, the wanted ones first as they come."""
+        todo = dict.fromkeys(names)
+        while todo:
+            name = next(iter(todo))
+            while self.wanted:
+                asked = self.wanted.popleft()
+                if asked in todo:
+                    name = asked
+                    break
+            del todo[name]
+            yield name
+
+    def wake(self, name: str) -> None:
+        """In the event loop: tenant `name` is built (or failed)."""
+        event = self.waiters.pop(name, None)
+        if event is not None:
+            event.set()
 
 
 def parse_modules_toml(
@@ -410,6 +454,7 @@ class TenantRegistry:
         self._policy_key: tuple = ()
         self.outbound = TenantClients()  # kept-alive outbound pools and their stats, by tenant
         self._policy_retry = _Retry((), 0.0, 0.0)  # when a set with errors is parsed again
+        self._filling: _Filling | None = None  # from `read_policies` to the end of `fill`
 
     @property
     def pulled_modules(self) -> oci.PulledModules:
@@ -531,6 +576,79 @@ class TenantRegistry:
             return True
         return False
 
+    def read_policies(self) -> int:
+        """The start, up to readiness: read and check every policy (each error logged and
+        counted, as a reload does), and know which tenants `fill` builds and their hosts.
+        Returns how many tenants will be served. Blocking."""
+        with self._lock:
+            policy_set = self._load_policies(force=False)
+            errors = {name: error.message for name, error in policy_set.errors.items()}
+            for message in errors.values():
+                self.reload_errors += 1
+                log.error("configuration error, last good state kept: %s", message)
+            # Host conflicts are reported by the build, which decides them the same way.
+            exact, wildcard = self._host_maps(policy_set.policies, {})
+            frozen_errors = MappingProxyType(errors)
+            self._filling = _Filling(frozenset(policy_set.policies), exact, wildcard, frozen_errors)
+            self.state = dataclasses.replace(EMPTY_STATE, errors=frozen_errors)
+            return len(policy_set.policies)
+
+    async def fill(self) -> RegistryState:
+        """The rest of the start, while the pod serves: build every tenant (no module is
+        loaded), those that requests wait for first (`filling_state`)."""
+        self._trio_token = trio.lowlevel.current_trio_token()
+        try:
+            return await trio.to_thread.run_sync(functools.partial(self.reload, learn_routes=False))
+        finally:
+            filling, self._filling = self._filling, None
+            if filling is not None:
+                for event in filling.waiters.values():
+                    event.set()
+                filling.done.set()
+
+    async def filled(self) -> None:
+        """Return once every tenant has been built once (at once after the start)."""
+        if self._filling is not None:
+            await self._filling.done.wait()
+
+    async def filling_state(self, host: str | None, name: str) -> RegistryState | None:
+        """While `fill` runs: wait until the tenant a request names is built (the tenant of
+        its `host`, else `name`, the one its path names), and return a state holding the
+        tenants built so far. None once `fill` is done, or if no such tenant has a policy:
+        the request's tenant is unknown."""
+        filling = self._filling
+        if filling is None:
+            return None
+        by_host = filling.state.name_for_host(host) if host else None
+        name = by_host or name
+        if name not in filling.names:
+            return None
+        if name not in filling.built and name not in filling.failed:
+            event = filling.waiters.setdefault(name, trio.Event())
+            filling.wanted.append(name)
+            await event.wait()
+        return filling.state
+
+    def _build_order(self, names: list[str], tenants: Mapping[str, Tenant]) -> Iterator[str]:
+        """The order of a reload's `names`, paced (`_paced`). During `fill`, the tenants that
+        requests wait for come first, and each tenant, once built (in `tenants`) or failed,
+        is handed to them."""
+        filling = self._filling
+        if filling is None:
+            yield from _paced(names)
+            return
+        token = self._trio_token
+        for name in _paced(filling.order(names)):
+            yield name
+            tenant = tenants.get(name)
+            if tenant is None:
+                filling.failed.add(name)
+            else:
+                filling.built[name] = tenant
+            if token is not None:
+                with contextlib.suppress(trio.RunFinishedError):
+                    token.run_sync_soon(filling.wake, name)
+
     async def watch(self, interval_s: float = WATCH_INTERVAL_S) -> None:
         """Check for changed files every `interval_s`, and at once when the store's watch
         says a manifest changed (cancel to stop)."""
@@ -560,7 +678,7 @@ class TenantRegistry:
         names = set(policy_set.policies) | {
             name for name in old.tenants if f"{name}.toml" in policy_set.errors
         }
-        for name in _paced(sorted(names)):
+        for name in self._build_order(sorted(names), tenants):
             policy = policy_set.policies.get(name)
             previous = old.tenants.get(name)  # each tenant of `old` has its `_watched` entry
             if policy is None or (defaults_broken and previous is not None):
@@ -622,7 +740,9 @@ class TenantRegistry:
                 log.error("configuration error, last good state kept: %s", message)
         if rebuilt:
             self._forget_unused(tenants)
-        exact, wildcard = self._host_maps(tenants, errors)
+        exact, wildcard = self._host_maps(
+            {name: tenant.policy for name, tenant in tenants.items()}, errors
+        )
         self._watched = watched
         self.divergence = _divergence(stale, watched)
         self.state = RegistryState(
@@ -1035,13 +1155,13 @@ class TenantRegistry:
 
     @staticmethod
     def _host_maps(
-        tenants: Mapping[str, Tenant], errors: dict[str, str]
+        tenant_policies: Mapping[str, Policy], errors: dict[str, str]
     ) -> tuple[dict[str, str], list[tuple[str, str]]]:
         """Host -> tenant; a host claimed twice goes to the first tenant by name, reported."""
         exact: dict[str, str] = {}
         wildcard: dict[str, str] = {}
-        for name in sorted(tenants):
-            for host in tenants[name].policy.hosts:
+        for name in sorted(tenant_policies):
+            for host in tenant_policies[name].hosts:
                 table, key = (wildcard, host[1:]) if host.startswith("*.") else (exact, host)
                 owner = table.setdefault(key, name)
                 if owner != name:

@@ -7,16 +7,17 @@ guest threads, trio loop.
 
 The supervisor
 
-- binds the serving socket(s) and the metrics socket, then starts each worker as a fresh
-  interpreter (`python -m supervisor.cli worker <the serve arguments> ...`, never a fork of a
-  process that has threads), handing it the serving socket by fd inheritance: one accept
+- binds the serving socket(s) and the metrics socket, then starts each worker through the
+  fork server (fork_server.py: a process forked before `trio.run` or any thread, with every
+  module imported, so a worker pays no import), which runs the `worker` command with the
+  serve arguments in a fork of itself, handing it the serving socket (SCM_RIGHTS): one accept
   queue, and the kernel gives each new connection to whichever worker accepts first. A
   worker also gets a private unix socket for its own `/metrics`, a pipe on which it says
-  "ready" once it has read every tenant (no module loads before: each loads on its first
-  request), the read end of a pipe the supervisor never writes (EOF = the supervisor is
-  gone: drain and exit), and its column in the pod-wide tenant counts (pod_limits.py). All
-  workers start at once, and each accepts (told by SIGUSR2) as soon as it is ready: the pod
-  answers when its first worker is;
+  "ready" once it has read every policy (its tenants are built while it serves, a request
+  waiting for its own; no module loads before its first request), the read end of a pipe
+  the supervisor never writes (EOF = the supervisor is gone: drain and exit), and its
+  column in the pod-wide tenant counts (pod_limits.py). All workers start at once, and each
+  accepts (told by SIGUSR2) as soon as it is ready: the pod answers when its first worker is;
 - restarts a worker that dies, after `RESTART_DELAY_S` doubled per crash in a row (up to
   `MAX_RESTART_DELAY_S`; a worker that served `BACKOFF_RESET_S` resets it), counted in
   `wasm_supervisor_worker_restarts_total`;
@@ -32,7 +33,9 @@ The supervisor
   gives a just-accepted connection `server.FIRST_REQUEST_GRACE_S` for its first request; the
   pause keeps the roll from leaning on that).
   Like any HTTP/1.1 server that closes idle keep-alive connections, a client whose request
-  crosses that close on the wire must retry it (RFC 9112 §9.3.1);
+  crosses that close on the wire must retry it (RFC 9112 §9.3.1). A new worker is forked from
+  the fork server, so it runs the code the pod started with (new code means a new pod, as on
+  Knative), but reads its files again: policies, modules, key files, certificates;
 - serves `/metrics` on the metrics port itself: the workers' expositions merged
   (metrics_merge.py), plus its own series.
 
@@ -42,7 +45,6 @@ times the slots of one worker. Tenant `max_concurrency` is pod-wide (pod_limits.
 
 from __future__ import annotations
 
-import contextlib
 import faulthandler
 import functools
 import itertools
@@ -50,10 +52,8 @@ import logging
 import os
 import signal
 import socket
-import subprocess
-import sys
 import tempfile
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,6 +69,7 @@ from prometheus_client import (
 from prometheus_client.exposition import choose_encoder
 
 from . import app, metrics_merge, server
+from .fork_server import Child, ForkedProcess, ForkServer
 from .metrics import METRICS_PATH, PREFIX
 from .pod_limits import PodCounters
 
@@ -127,6 +128,46 @@ class Handoff:
         extra = [] if self.metrics_fd is None else [self.metrics_fd]
         return [*self.listen_fds, *extra, self.ready_fd, self.parent_fd]
 
+    def request(self, cpu: int | None) -> dict:
+        """The fork server's spawn request: this handoff less its descriptors (sent beside
+        it, in `fds` order), and the CPU to pin the worker to."""
+        return {
+            "listen": len(self.listen_fds),
+            "metrics": self.metrics_fd is not None,
+            "pod_counters": str(self.pod_counters),
+            "pod_column": self.pod_column,
+            "cpu": cpu,
+        }
+
+    @classmethod
+    def from_request(cls, request: dict, fds: list[int]) -> Handoff:
+        """The handoff a forked worker got: `request`, and `fds` as received."""
+        listen, rest = fds[: request["listen"]], fds[request["listen"] :]
+        metrics_fd = rest.pop(0) if request["metrics"] else None
+        ready_fd, parent_fd = rest
+        return cls(
+            tuple(listen),
+            metrics_fd,
+            ready_fd,
+            parent_fd,
+            Path(request["pod_counters"]),
+            request["pod_column"],
+        )
+
+
+def forked_worker(main: Callable[[list[str]], int], serve_args: Sequence[str]) -> Child:
+    """What the fork server runs in each worker it forks: the `worker` command with the serve
+    arguments and the handoff received, as an exec'd worker would run it (so the worker reads
+    its flags, key files and certificates again, as it did when it was a new interpreter)."""
+
+    def run(request: dict, fds: list[int]) -> int:
+        if request["cpu"] is not None:  # first, so that every thread it starts inherits it
+            os.sched_setaffinity(0, {request["cpu"]})
+        handoff = Handoff.from_request(request, fds)
+        return main(["worker", *serve_args, *handoff.arguments()])
+
+    return run
+
 
 # The worker side ------------------------------------------------------------------------------
 
@@ -156,17 +197,23 @@ async def _run_worker(config: app.AppConfig, handoff: Handoff) -> None:
                     listeners=listeners,
                     metrics_listeners=metrics_listeners,
                     pod=pod,
+                    on_serving=functools.partial(_say_ready, handoff.ready_fd),
                     task_status=task_status,
                 )
                 nursery.cancel_scope.cancel()  # drained: stop watching the supervisor
 
             await nursery.start(_accept_when_told, listeners)
-            running = await nursery.start(serve)
-            os.write(handoff.ready_fd, b"r")
-            os.close(handoff.ready_fd)
+            running = await nursery.start(serve)  # every tenant built
             nursery.start_soon(_drain_when_orphaned, handoff.parent_fd, running.shutdown)
     finally:
         pod.close()
+
+
+def _say_ready(ready_fd: int) -> None:
+    """Tell the supervisor this worker serves: its policies are read, its tenants are being
+    built (a request waits for its own)."""
+    os.write(ready_fd, b"r")
+    os.close(ready_fd)
 
 
 def _inherited_listener(fd: int) -> trio.SocketListener:
@@ -233,7 +280,7 @@ async def _drain_when_orphaned(parent_fd: int, shutdown: trio.Event) -> None:
 class _Worker:
     index: int  # which of the N it is (a replacement takes its predecessor's index)
     column: int  # its column in the pod-wide counts
-    process: trio.Process
+    process: ForkedProcess
     metrics_path: Path | None
     metrics_socket: socket.socket | None
     ready_at: float | None = None  # trio time it said ready
@@ -245,10 +292,10 @@ class _Worker:
 class Supervisor:
     """Starts, watches, restarts, rolls and stops the workers; serves the merged `/metrics`."""
 
-    def __init__(self, config: app.AppConfig, workers: int, worker_args: Sequence[str]) -> None:
+    def __init__(self, config: app.AppConfig, workers: int, fork_server: ForkServer) -> None:
         self._config = config
         self._count = workers
-        self._worker_args = list(worker_args)
+        self._fork_server = fork_server
         self._drain_s = config.server.grace_period_s + EXIT_MARGIN_S
         self._current: list[_Worker | None] = [None] * workers
         self._alive: set[_Worker] = set()
@@ -313,6 +360,7 @@ class Supervisor:
             try:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
+                    await nursery.start(self._fork_server.run)
                     async with trio.open_nursery() as tasks:
                         self._tasks = tasks
                         started = await self._start_all()
@@ -411,12 +459,9 @@ class Supervisor:
             pod_counters=self._runtime / "pod-counters",
             pod_column=column,
         )
-        command = [sys.executable, "-m", "supervisor.cli", "worker", *self._worker_args]
         try:
-            process = await trio.lowlevel.open_process(
-                [*command, *handoff.arguments()],
-                stdin=subprocess.DEVNULL,
-                pass_fds=handoff.fds(),
+            process = await self._fork_server.spawn(
+                handoff.request(self._cpu(index)), handoff.fds()
             )
         except BaseException:
             os.close(ready_read)
@@ -426,7 +471,6 @@ class Supervisor:
             raise
         finally:
             os.close(ready_write)
-        self._pin(process.pid, index)
         worker = _Worker(index, column, process, metrics_path, metrics_socket)
         self._alive.add(worker)
         if current:
@@ -444,19 +488,17 @@ class Supervisor:
             process.send_signal(signal.SIGUSR2)
         return worker
 
-    def _pin(self, pid: int, index: int) -> None:
-        """Worker `index` runs on CPU `index` when there is a CPU per worker.
+    def _cpu(self, index: int) -> int | None:
+        """Worker `index` runs on CPU `index` when there is a CPU per worker (else None).
 
         A worker's event loop and guest threads share one GIL; spread over two cores they
         fight for it across cores. Measured on 2 cores, hello with 2 workers: 3,668 req/s
-        unpinned, 5,892 pinned one worker per core. Set right after the process starts, before
+        unpinned, 5,892 pinned one worker per core. The forked worker sets it first, before
         it has threads: the threads it starts inherit the mask. A replacement takes its
         predecessor's CPU.
         """
         cpus = sorted(os.sched_getaffinity(0))
-        if self._count <= len(cpus):
-            with contextlib.suppress(OSError):  # it may already have exited
-                os.sched_setaffinity(pid, {cpus[index]})
+        return cpus[index] if self._count <= len(cpus) else None
 
     async def _watch(self, worker: _Worker) -> None:
         """Wait for the worker to exit; restart it if that was a crash."""
@@ -639,6 +681,7 @@ def _describe(returncode: int) -> str:
     return f"signal {signum.name}"
 
 
-async def supervise(config: app.AppConfig, workers: int, worker_args: Sequence[str]) -> int:
-    """`serve --workers N` with N > 1; `worker_args` are the serve arguments, for the workers."""
-    return await Supervisor(config, workers, worker_args).run()
+async def supervise(config: app.AppConfig, workers: int, fork_server: ForkServer) -> int:
+    """`serve --workers N` with N > 1; `fork_server` (forked before `trio.run`) starts the
+    workers."""
+    return await Supervisor(config, workers, fork_server).run()

@@ -18,6 +18,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -363,3 +364,48 @@ def test_policy_check_names_the_broken_file_and_key(tmp_path: Path) -> None:
     assert "timeout_msx" in result.stderr
     assert "unknown key" in result.stderr
     assert "good.toml" not in result.stderr
+
+
+async def test_the_pod_serves_once_its_policies_are_read_and_builds_each_tenant_on_demand(
+    workspace: Workspace,
+) -> None:
+    """Issue 11 section 5: readiness waits for the policies, not for every tenant's build.
+    Tenant `pulling` names an `oci:` module whose registry accepts the connection and says
+    nothing, so building it blocks: the pod is ready and serves `ok` (built first) meanwhile,
+    and answers 404 at once for a name with no policy. A request for `pulling` waits for its
+    build, which fails when the registry hangs up: not served, 404. Before, the pod was
+    ready only once every tenant was built."""
+    workspace.add_tenant("ok", {"/hello": "hello.wat"})
+    with trio.socket.socket() as registry:
+        await registry.bind(("127.0.0.1", 0))
+        registry.listen()
+        host = f"127.0.0.1:{registry.getsockname()[1]}"
+        pulling = workspace.tenants / "pulling"
+        pulling.mkdir()
+        workspace.write_policy("pulling", "")
+        (pulling / "modules.toml").write_text(
+            f'[[module]]\nroute = "/hello"\nmodule = "oci:{host}/hello:1"\n'
+        )
+        extra = ["--workers", "1", "--insecure-registry", host]
+        async with (
+            serve_process(workspace, extra=extra) as server,
+            httpx.AsyncClient(base_url=server.url, timeout=30) as http,
+        ):
+            pull, _ = await registry.accept()  # the build of `pulling` waits for an answer
+            with pull:
+                assert (await http.get("/ok/hello")).status_code == 200
+                assert (await http.get("/nobody/hello")).status_code == 404
+                assert "read 1 tenants" not in server.log()  # `pulling` is still being built
+                client = h11.Connection(h11.CLIENT)
+                request = h11.Request(
+                    method="GET", target="/pulling/hello", headers=[("Host", "127.0.0.1")]
+                )
+                async with await trio.open_tcp_stream("127.0.0.1", server.port) as stream:
+                    await stream.send_all(client.send(request) + client.send(h11.EndOfMessage()))
+                    await wait_until_server_read(server.port, stream.socket.getsockname()[1])
+                    pull.shutdown(socket.SHUT_RDWR)  # the registry hangs up: the build fails
+                    status, _, body = await read_response(stream, client)
+            assert (status, body) == (404, b"no tenant serves '/pulling/hello'\n")
+            with trio.fail_after(10):  # the build goes on a moment after answering
+                while "read 1 tenants" not in server.log():
+                    await trio.sleep(POLL_S)

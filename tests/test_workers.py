@@ -2,8 +2,8 @@
 
 Each test starts the real command (test_lifecycle.serve_process) and drives it with signals
 and HTTP. Which worker answered a request is told by its `x-request-id`: each worker's server
-draws a random 8-hex-digit prefix. Worker processes are read from /proc (the supervisor's
-children), the merged `/metrics` from the port the supervisor logs.
+draws a random 8-hex-digit prefix. Worker processes are read from /proc (the children of the
+supervisor's fork server), the merged `/metrics` from the port the supervisor logs.
 """
 
 from __future__ import annotations
@@ -45,12 +45,18 @@ NO_KEEP_ALIVE = httpx.Limits(max_keepalive_connections=0)
 pytestmark = pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
 
 
-def worker_pids(server: ServerProcess) -> set[int]:
-    """The supervisor's child processes (any of its threads may have started them)."""
+def children(pid: int) -> set[int]:
+    """A process's children (any of its threads may have started them)."""
     pids: set[int] = set()
-    for task in Path(f"/proc/{server.process.pid}/task").iterdir():
-        pids.update(int(pid) for pid in (task / "children").read_text().split())
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        pids.update(int(child) for child in (task / "children").read_text().split())
     return pids
+
+
+def worker_pids(server: ServerProcess) -> set[int]:
+    """The worker processes: the children of the supervisor's only child, its fork server."""
+    (fork_server,) = children(server.process.pid)
+    return children(fork_server)
 
 
 def worker_of(response: httpx.Response) -> str:
@@ -277,3 +283,22 @@ async def test_with_a_cpu_per_worker_each_worker_and_all_its_threads_keep_to_one
         cpus = sorted(os.sched_getaffinity(0))
         pinned = [allowed_cpus(pid) for pid in sorted(worker_pids(server))]
     assert sorted(pinned, key=sorted) == sorted([{str(cpus[0])}, {str(cpus[1])}], key=sorted)
+
+
+async def test_workers_are_forked_with_every_module_imported_and_import_nothing_again(
+    workspace: Workspace,
+) -> None:
+    """Issue 11: a worker exec'd as a new interpreter paid every import the supervisor had
+    paid already. Python's import profiler (PYTHONPROFILEIMPORTTIME) logs each import of each
+    interpreter: the server's modules are imported once for the whole pod (a compile child,
+    a new interpreter of its own, imports only the compiler)."""
+    workspace.add_tenant("demo", {"/hello": "hello.wat"})
+    async with (
+        serve_process(workspace, extra=TWO_WORKERS, env={"PYTHONPROFILEIMPORTTIME": "1"}) as srv,
+        httpx.AsyncClient(base_url=srv.url, limits=NO_KEEP_ALIVE) as http,
+    ):
+        await until_both_workers_answer(http, "/demo/hello")
+        log = srv.log()
+    for module in ("supervisor.gateway", "supervisor.server", "supervisor.admin"):
+        imports = re.findall(rf"^import time:.*\|\s+{re.escape(module)}$", log, re.MULTILINE)
+        assert len(imports) == 1, (module, imports)

@@ -251,7 +251,9 @@ class NatsStore(UploadStore):
                 shutil.rmtree(folder, ignore_errors=True)
                 return
             folder.mkdir(exist_ok=True)
-            write_atomically(folder / MANIFEST_FILE, value)
+            # Not synced: every start replays the whole bucket and writes each copy again
+            # (an fsync each made 1,000 tenants' start 3 s longer).
+            write_atomically(folder / MANIFEST_FILE, value, durable=False)
             # The file's mtime is the revision: two revisions written within one clock tick,
             # the same size, on a reused inode still differ in the `stat` the registry keys
             # its reload on.
