@@ -19,10 +19,11 @@ from nats_server import free_port, run_nats
 from tcp_relay import relay_to
 from test_admin import OPERATOR, admin_tenant, greeter, module_url, start_admin, upload
 from test_admin_multipod import served_within
+from test_store_contract import version
 
 from supervisor.artifacts import ArtifactKeys
 from supervisor.modules import to_binary
-from supervisor.store import ModuleRecord, ModuleVersion
+from supervisor.store import ModuleRecord, ModuleVersion, read_manifest
 from supervisor.store.file_store import FileStore
 from supervisor.store.settings import StoreSettings
 
@@ -311,3 +312,36 @@ def test_a_token_in_store_credentials_is_how_the_store_signs_in(tmp_path):
         finally:
             signed_in.close()
             refused.close()
+
+
+def test_a_new_pod_reads_every_manifest_and_fetches_no_module_until_one_loads(tmp_path, nats):
+    """The start replays the manifests bucket and nothing else: each module's bytes are fetched
+    when it loads, so a store of many tenants costs a new pod their manifests, not their
+    modules."""
+    writer = StoreSettings.parse(nats.url).open(tmp_path / "writer")
+    binaries = {f"t{n}": bytes([0, 97, 115, 109, 1, 0, 0, 0, n]) for n in range(3)}
+    try:
+        assert writer.wait_synced(RETURN_S)
+        for tenant, binary in binaries.items():
+            writer.put_module(tenant, binary)
+            writer.update(tenant, lambda m, b=binary: m.with_module("m", ModuleRecord(version(b))))
+    finally:
+        writer.close()
+    pod = StoreSettings.parse(nats.url).open(tmp_path / "pod")
+    try:
+        assert pod.wait_synced(RETURN_S)
+        fetched = tmp_path / "pod" / "store" / "modules"
+        assert list(fetched.iterdir()) == []
+        for tenant, binary in binaries.items():
+            folder = pod.manifest_dir(tenant)  # the tenant's build asks for it
+            manifest = read_manifest(folder)
+            assert manifest.modules["m"].current.sha256 == hashlib.sha256(binary).hexdigest()
+        assert (
+            pod.module_path("t1", hashlib.sha256(binaries["t1"]).digest().hex()).read_bytes()
+            == (binaries["t1"])
+        )  # fetched when it loads
+        assert [path.name for path in fetched.iterdir()] == [
+            hashlib.sha256(binaries["t1"]).hexdigest() + ".wasm"
+        ]
+    finally:
+        pod.close()

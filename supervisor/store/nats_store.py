@@ -83,6 +83,10 @@ class NatsStore(UploadStore):
         self._modules_dir.mkdir(parents=True, exist_ok=True)
         self._manifests_dir = Path(tempfile.mkdtemp(prefix="manifests-", dir=local))
         self._revisions: dict[str, int] = {}  # tenant -> revision of its local copy
+        # Copies of the start's replay not written yet (tenant -> revision, value): the pod is
+        # ready once the replay is read, and each copy is written when its folder is first
+        # asked for (its tenant's build) or by a flush in the background, whichever is first.
+        self._unwritten: dict[str, tuple[int, bytes]] = {}
         self._install_lock = threading.Lock()
         self._listeners: list[Callable[[], None]] = []
         self._synced = threading.Event()  # the first replay of the bucket is done
@@ -201,6 +205,9 @@ class NatsStore(UploadStore):
         return path
 
     def manifest_dir(self, tenant: str) -> Path:
+        if tenant in self._unwritten:
+            with self._install_lock:
+                self._write_unwritten(tenant)
         return self._manifests_dir / tenant
 
     def tenants(self) -> list[str]:
@@ -246,18 +253,51 @@ class NatsStore(UploadStore):
             if revision <= self._revisions.get(tenant, 0):
                 return
             self._revisions[tenant] = revision
-            folder = self._manifests_dir / tenant
-            if value is None:
-                shutil.rmtree(folder, ignore_errors=True)
-                return
-            folder.mkdir(exist_ok=True)
-            # Not synced: every start replays the whole bucket and writes each copy again
-            # (an fsync each made 1,000 tenants' start 3 s longer).
-            write_atomically(folder / MANIFEST_FILE, value, durable=False)
-            # The file's mtime is the revision: two revisions written within one clock tick,
-            # the same size, on a reused inode still differ in the `stat` the registry keys
-            # its reload on.
-            os.utime(folder / MANIFEST_FILE, ns=(revision, revision))
+            self._unwritten.pop(tenant, None)
+            self._write_copy(tenant, revision, value)
+
+    def _write_copy(self, tenant: str, revision: int, value: bytes | None) -> None:
+        folder = self._manifests_dir / tenant
+        if value is None:
+            shutil.rmtree(folder, ignore_errors=True)
+            return
+        folder.mkdir(exist_ok=True)
+        # Not synced: every start replays the whole bucket and writes each copy again
+        # (an fsync each made 1,000 tenants' start 3 s longer).
+        write_atomically(folder / MANIFEST_FILE, value, durable=False)
+        # The file's mtime is the revision: two revisions written within one clock tick,
+        # the same size, on a reused inode still differ in the `stat` the registry keys
+        # its reload on.
+        os.utime(folder / MANIFEST_FILE, ns=(revision, revision))
+
+    def _write_unwritten(self, tenant: str) -> None:
+        """Under the install lock: write the replay's copy of `tenant` if it is still due."""
+        due = self._unwritten.get(tenant)
+        if due is not None:
+            self._write_copy(tenant, *due)
+            del self._unwritten[tenant]  # only now: `manifest_dir` waits for a write under way
+
+    def _flush_unwritten(self) -> None:
+        """Write every copy of the replay no build has asked for yet (in the background)."""
+        try:
+            for tenant in list(self._unwritten):
+                with self._install_lock:
+                    self._write_unwritten(tenant)
+        except OSError as exc:  # closed under it (its folder removed), or a full disk
+            log.warning("store: local copies of manifests not written: %s", exc)
+
+    def _keep_replayed(self, tenant: str, revision: int, value: bytes) -> None:
+        """A manifest of the start's replay: checked, and kept to be written when asked for.
+        Its modules' bytes are not fetched: a module is fetched when it loads (by its shared
+        artifact alone when there is one), so 10,000 tenants do not cost 10,000 fetches."""
+        try:
+            self._parse(tenant, value)
+        except Exception as exc:
+            log.error("store: %s", exc)
+        with self._install_lock:
+            if revision > self._revisions.get(tenant, 0):
+                self._revisions[tenant] = revision
+                self._unwritten[tenant] = (revision, value)
 
     def _keep_local(self, sha256: str, binary: bytes) -> None:
         path = self._modules_dir / f"{sha256}.wasm"
@@ -319,10 +359,13 @@ class NatsStore(UploadStore):
                     replayed = None
                     self._synced.set()
                     self._notify()
+                    asyncio.get_running_loop().run_in_executor(None, self._flush_unwritten)
                     continue
                 deleted = entry.operation in ("DEL", "PURGE")
                 if replayed is not None and not deleted:
                     replayed.add(entry.key)
+                    self._keep_replayed(entry.key, entry.revision, entry.value)
+                    continue
                 await self._apply_entry(entry.key, entry.revision, None if deleted else entry.value)
                 if replayed is None:
                     self._notify()
@@ -352,6 +395,7 @@ class NatsStore(UploadStore):
             for tenant in list(self._revisions):
                 if tenant not in present:
                     self._revisions.pop(tenant, None)
+                    self._unwritten.pop(tenant, None)
                     shutil.rmtree(self._manifests_dir / tenant, ignore_errors=True)
 
     def _notify(self) -> None:
