@@ -23,7 +23,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import httpx
 import wasmtime
 
 from .. import wasmtime_ext
@@ -206,6 +205,8 @@ def _req(
         headers_text = bytes(memory[headers_ptr : headers_ptr + headers_len]).decode("utf-8")
     except UnicodeDecodeError:
         return UTF8_ERROR
+    import httpx  # here, not at start-up: it costs a pod ~55 ms of imports
+
     try:
         url = httpx.URL(url_text)
     except (httpx.InvalidURL, TypeError, ValueError):

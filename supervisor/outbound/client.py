@@ -44,11 +44,14 @@ import urllib.request
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import httpcore
-import httpx
 
 from .rules import AllowList, address_allowed
+
+if TYPE_CHECKING:
+    import httpx
 
 log = logging.getLogger("supervisor.outbound")
 
@@ -436,6 +439,8 @@ class TenantClient:
             for scheme, url in self._proxy_settings.items()
             if scheme in ("http", "https")
         }
+        import httpx  # here, at a tenant's first outbound call, not at start-up
+
         proxy_origins = frozenset(
             (url.host, url.port or (443 if url.scheme == "https" else 80))
             for url in map(httpx.URL, self._proxies.values())
@@ -471,6 +476,8 @@ class TenantClient:
             self._in_flight.release()
 
     def _follow(self, method, url, headers, body, module_rules, deadline, max_bytes) -> Fetched:
+        import httpx
+
         for hop in range(MAX_REDIRECTS + 1):
             self.check(url, module_rules)
             fetched = self._once(method, url, headers, body, deadline, max_bytes)
