@@ -84,6 +84,22 @@ def _toml_value(value: object) -> str:
     return str(value)
 
 
+def leb(value: int) -> bytes:
+    """An unsigned LEB128 number, as WebAssembly binaries write sizes and counts."""
+    out = bytearray()
+    while True:
+        low, value = value & 0x7F, value >> 7
+        if not value:
+            out.append(low)
+            return bytes(out)
+        out.append(low | 0x80)
+
+
+def section(section_id: int, body: bytes) -> bytes:
+    """One section of a hand-built module: its id, its size, then its bytes."""
+    return bytes([section_id]) + leb(len(body)) + body
+
+
 @dataclass
 class Running:
     app: app.RunningApp
