@@ -22,6 +22,7 @@ from supervisor import app
 REPO = Path(__file__).resolve().parent.parent
 GUESTS = REPO / "tests" / "guests"
 DEMO = REPO / "tenants" / "demo"
+HOSTILE_GUESTS = REPO / "tests" / "hostile" / "guests"
 
 
 @dataclass
@@ -82,6 +83,19 @@ def _toml_value(value: object) -> str:
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return str(value)
+
+
+def add_hostile_tenant(
+    workspace: Workspace, name: str, routes: dict[str, str], policy: str = ""
+) -> None:
+    """A tenant serving guests of tests/hostile/guests (the workspace knows tests/guests)."""
+    workspace.add_tenant(name, {}, policy)
+    folder = workspace.tenants / name
+    entries = []
+    for route, guest in routes.items():
+        shutil.copyfile(HOSTILE_GUESTS / guest, folder / guest)
+        entries.append(f'[[module]]\nroute = "{route}"\nmodule = "{guest}"\n')
+    (folder / "modules.toml").write_text("\n".join(entries))
 
 
 def leb(value: int) -> bytes:
