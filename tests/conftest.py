@@ -7,6 +7,7 @@ handle with the bound port and an `httpx.AsyncClient` pointed at it.
 
 from __future__ import annotations
 
+import os
 import shutil
 import textwrap
 from collections.abc import AsyncIterator, Callable
@@ -83,6 +84,19 @@ def _toml_value(value: object) -> str:
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return str(value)
+
+
+def unpacked_binary(unpacked: Path, name: str) -> Path:
+    """The server `make test` unpacked from Debian's package `name` (else `name` on PATH); a
+    missing one skips locally and fails in CI, where `make test` should have unpacked it."""
+    if unpacked.exists():
+        return unpacked
+    on_path = shutil.which(name)
+    if on_path:
+        return Path(on_path)
+    if os.environ.get("CI"):
+        pytest.fail(f"{unpacked} is missing: `make test` unpacks Debian's {name}")
+    pytest.skip(f"{name} not unpacked (run `make test` once, or apt-get {name})")
 
 
 def add_hostile_tenant(

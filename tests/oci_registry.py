@@ -13,9 +13,7 @@ import contextlib
 import ctypes
 import hashlib
 import json
-import os
 import secrets
-import shutil
 import socket
 import subprocess
 import time
@@ -24,9 +22,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import httpx
-import pytest
 import wasmtime
-from conftest import REPO
+from conftest import REPO, unpacked_binary
 
 from supervisor.oci import Reference, RegistryClient, parse_reference
 
@@ -94,18 +91,6 @@ def bcrypt_htpasswd_line(user: str, password: str) -> str:
     return f"{user}:{hashed.decode()}"
 
 
-def registry_binary() -> Path:
-    """The unpacked docker-registry; a missing one skips locally and fails in CI."""
-    if REGISTRY_BINARY.exists():
-        return REGISTRY_BINARY
-    on_path = shutil.which("docker-registry")
-    if on_path:
-        return Path(on_path)
-    if os.environ.get("CI"):
-        pytest.fail(f"{REGISTRY_BINARY} is missing: `make test` unpacks Debian's docker-registry")
-    pytest.skip("docker-registry not unpacked (run `make test` once, or apt-get docker-registry)")
-
-
 @dataclass
 class Registry:
     """A running registry: its host:port, its storage root, and a client that talks to it."""
@@ -135,7 +120,7 @@ def run_registry(
 ) -> Iterator[Registry]:
     """docker-registry on 127.0.0.1, storing under `folder`; `htpasswd`: basic auth lines;
     `auth`: another `auth:` section (TokenIssuer.registry_auth)."""
-    binary = registry_binary()
+    binary = unpacked_binary(REGISTRY_BINARY, "docker-registry")
     folder.mkdir(parents=True, exist_ok=True)
     port = free_port()
     root = folder / "storage"
