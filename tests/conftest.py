@@ -112,6 +112,23 @@ def add_hostile_tenant(
     (folder / "modules.toml").write_text("\n".join(entries))
 
 
+def printing_guest(output: bytes) -> str:
+    """WAT of a guest that writes `output` to stdout in one call and returns (every byte is
+    written as a WAT escape, so any output will do)."""
+    data = "".join(f"\\{byte:02x}" for byte in output)
+    return f"""
+(module
+  (import "wasi_snapshot_preview1" "fd_write"
+    (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 16) "{data}")
+  (func (export "_start")
+    (i32.store (i32.const 0) (i32.const 16))
+    (i32.store (i32.const 4) (i32.const {len(output)}))
+    (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))
+"""
+
+
 def leb(value: int) -> bytes:
     """An unsigned LEB128 number, as WebAssembly binaries write sizes and counts."""
     out = bytearray()

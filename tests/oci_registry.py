@@ -23,7 +23,7 @@ from pathlib import Path
 
 import httpx
 import wasmtime
-from conftest import REPO, unpacked_binary
+from conftest import REPO, printing_guest, unpacked_binary
 
 from supervisor.oci import Reference, RegistryClient, parse_reference
 
@@ -55,21 +55,8 @@ WASM_TYPES = {"application/wasm", "application/vnd.wasm.content.layer.v1+wasm"}
 
 def greeter_wasm(text: str) -> bytes:
     """A WAGI guest that answers `text` as text/plain: a module per version in the tests."""
-    body = f"content-type: text/plain\n\n{text}\n"
-    assert body.isascii() and '"' not in body and "\\" not in body
-    escaped = body.replace("\n", "\\n")
-    wat = f"""
-    (module
-      (import "wasi_snapshot_preview1" "fd_write"
-        (func $fd_write (param i32 i32 i32 i32) (result i32)))
-      (memory (export "memory") 1)
-      (data (i32.const 16) "{escaped}")
-      (func (export "_start")
-        (i32.store (i32.const 0) (i32.const 16))
-        (i32.store (i32.const 4) (i32.const {len(body)}))
-        (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))
-    """
-    return bytes(wasmtime.wat2wasm(wat))
+    body = f"content-type: text/plain\n\n{text}\n".encode()
+    return bytes(wasmtime.wat2wasm(printing_guest(body)))
 
 
 def bcrypt_htpasswd_line(user: str, password: str) -> str:
