@@ -177,15 +177,22 @@ def push(
             "layers": layers,
         }
     ).encode()
+    return _put_manifest(client, reference, manifest, OCI_MANIFEST)
+
+
+def _put_manifest(
+    client: RegistryClient, reference: Reference, content: bytes, media_type: str
+) -> str:
+    """PUT a manifest or an index under `reference`'s tag; the digest it is stored by."""
     response = client.request(
         "PUT",
         reference,
         f"manifests/{reference.tag}",
-        content=manifest,
-        headers={"content-type": OCI_MANIFEST},
+        content=content,
+        headers={"content-type": media_type},
     )
     assert response.status_code == 201, response.text
-    return "sha256:" + hashlib.sha256(manifest).hexdigest()
+    return "sha256:" + hashlib.sha256(content).hexdigest()
 
 
 def _upload_blob(
@@ -224,12 +231,4 @@ def push_index(
             }
         )
     index = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries}).encode()
-    response = client.request(
-        "PUT",
-        reference,
-        f"manifests/{reference.tag}",
-        content=index,
-        headers={"content-type": OCI_INDEX},
-    )
-    assert response.status_code == 201, response.text
-    return "sha256:" + hashlib.sha256(index).hexdigest()
+    return _put_manifest(client, reference, index, OCI_INDEX)
