@@ -32,7 +32,6 @@ import hashlib
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tarfile
@@ -48,6 +47,8 @@ import wasmtime
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from harness import stop  # noqa: E402
 
 from supervisor.auth import token_sha256  # noqa: E402
 from supervisor.client import AdminClient, AdminError  # noqa: E402
@@ -286,12 +287,7 @@ def serve(work: Path, label: str) -> Iterator[tuple[str, Path]]:
         log.with_suffix(".ready").write_text(f"{time.perf_counter() - started}")
         yield url, log
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process, timeout_s=60)
 
 
 def _wait_ready(process: subprocess.Popen, log: Path) -> str:

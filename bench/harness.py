@@ -84,12 +84,17 @@ def server(
         wait_until_serving(ready_url)
         yield process
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process, timeout_s=30)
+
+
+def stop(process: subprocess.Popen, *, timeout_s: float) -> None:
+    """SIGTERM, so the server shuts down as in production; kill it if it outlasts `timeout_s`."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def supervisor_argv(

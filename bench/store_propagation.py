@@ -21,7 +21,6 @@ import argparse
 import contextlib
 import os
 import re
-import signal
 import socket
 import statistics
 import subprocess
@@ -35,6 +34,8 @@ import httpx
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from harness import stop  # noqa: E402
 
 from supervisor.auth import token_sha256  # noqa: E402
 
@@ -118,12 +119,7 @@ def serve(work: Path, label: str, store: str) -> Iterator[str]:
             time.sleep(0.01)  # a script polling a child process, not a test
         yield url
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process, timeout_s=60)
 
 
 def measure(url_a: str, url_b: str, changes: int, *, new_bytes: bool) -> list[float]:

@@ -7,6 +7,7 @@ handle with the bound port and an `httpx.AsyncClient` pointed at it.
 
 from __future__ import annotations
 
+import os
 import shutil
 import textwrap
 from collections.abc import AsyncIterator, Callable
@@ -22,6 +23,7 @@ from supervisor import app
 REPO = Path(__file__).resolve().parent.parent
 GUESTS = REPO / "tests" / "guests"
 DEMO = REPO / "tenants" / "demo"
+HOSTILE_GUESTS = REPO / "tests" / "hostile" / "guests"
 
 
 @dataclass
@@ -82,6 +84,65 @@ def _toml_value(value: object) -> str:
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return str(value)
+
+
+def unpacked_binary(unpacked: Path, name: str) -> Path:
+    """The server `make test` unpacked from Debian's package `name` (else `name` on PATH); a
+    missing one skips locally and fails in CI, where `make test` should have unpacked it."""
+    if unpacked.exists():
+        return unpacked
+    on_path = shutil.which(name)
+    if on_path:
+        return Path(on_path)
+    if os.environ.get("CI"):
+        pytest.fail(f"{unpacked} is missing: `make test` unpacks Debian's {name}")
+    pytest.skip(f"{name} not unpacked (run `make test` once, or apt-get {name})")
+
+
+def add_hostile_tenant(
+    workspace: Workspace, name: str, routes: dict[str, str], policy: str = ""
+) -> None:
+    """A tenant serving guests of tests/hostile/guests (the workspace knows tests/guests)."""
+    workspace.add_tenant(name, {}, policy)
+    folder = workspace.tenants / name
+    entries = []
+    for route, guest in routes.items():
+        shutil.copyfile(HOSTILE_GUESTS / guest, folder / guest)
+        entries.append(f'[[module]]\nroute = "{route}"\nmodule = "{guest}"\n')
+    (folder / "modules.toml").write_text("\n".join(entries))
+
+
+def printing_guest(output: bytes) -> str:
+    """WAT of a guest that writes `output` to stdout in one call and returns (every byte is
+    written as a WAT escape, so any output will do)."""
+    data = "".join(f"\\{byte:02x}" for byte in output)
+    return f"""
+(module
+  (import "wasi_snapshot_preview1" "fd_write"
+    (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 16) "{data}")
+  (func (export "_start")
+    (i32.store (i32.const 0) (i32.const 16))
+    (i32.store (i32.const 4) (i32.const {len(output)}))
+    (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))
+"""
+
+
+def leb(value: int) -> bytes:
+    """An unsigned LEB128 number, as WebAssembly binaries write sizes and counts."""
+    out = bytearray()
+    while True:
+        low, value = value & 0x7F, value >> 7
+        if not value:
+            out.append(low)
+            return bytes(out)
+        out.append(low | 0x80)
+
+
+def section(section_id: int, body: bytes) -> bytes:
+    """One section of a hand-built module: its id, its size, then its bytes."""
+    return bytes([section_id]) + leb(len(body)) + body
 
 
 @dataclass

@@ -9,32 +9,17 @@ bring it back with everything it had stored.
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
 import socket
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-from conftest import REPO
+from conftest import REPO, unpacked_binary
 
 NATS_BINARY = REPO / ".cache" / "nats" / "usr" / "sbin" / "nats-server"
 READY_S = 20.0
 """nats-server accepts within ~50 ms; a loaded CI machine gets far longer."""
-
-
-def nats_binary() -> Path:
-    """The unpacked nats-server; a missing one skips locally and fails in CI."""
-    if NATS_BINARY.exists():
-        return NATS_BINARY
-    on_path = shutil.which("nats-server")
-    if on_path:
-        return Path(on_path)
-    if os.environ.get("CI"):
-        pytest.fail(f"{NATS_BINARY} is missing: `make test` unpacks Debian's nats-server")
-    pytest.skip("nats-server not unpacked (run `make test` once, or apt-get nats-server)")
 
 
 def free_port() -> int:
@@ -47,7 +32,7 @@ class NatsServer:
     """One nats-server process with JetStream; `url` stays the same across restarts."""
 
     def __init__(self, folder: Path, *, extra: tuple[str, ...] = ()) -> None:
-        self.binary = nats_binary()
+        self.binary = unpacked_binary(NATS_BINARY, "nats-server")
         self.extra = extra  # more nats-server options (`--auth TOKEN`)
         self.folder = folder
         self.port = free_port()

@@ -13,9 +13,7 @@ import contextlib
 import ctypes
 import hashlib
 import json
-import os
 import secrets
-import shutil
 import socket
 import subprocess
 import time
@@ -24,9 +22,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import httpx
-import pytest
 import wasmtime
-from conftest import REPO
+from conftest import REPO, printing_guest, unpacked_binary
 
 from supervisor.oci import Reference, RegistryClient, parse_reference
 
@@ -58,21 +55,8 @@ WASM_TYPES = {"application/wasm", "application/vnd.wasm.content.layer.v1+wasm"}
 
 def greeter_wasm(text: str) -> bytes:
     """A WAGI guest that answers `text` as text/plain: a module per version in the tests."""
-    body = f"content-type: text/plain\n\n{text}\n"
-    assert body.isascii() and '"' not in body and "\\" not in body
-    escaped = body.replace("\n", "\\n")
-    wat = f"""
-    (module
-      (import "wasi_snapshot_preview1" "fd_write"
-        (func $fd_write (param i32 i32 i32 i32) (result i32)))
-      (memory (export "memory") 1)
-      (data (i32.const 16) "{escaped}")
-      (func (export "_start")
-        (i32.store (i32.const 0) (i32.const 16))
-        (i32.store (i32.const 4) (i32.const {len(body)}))
-        (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))
-    """
-    return bytes(wasmtime.wat2wasm(wat))
+    body = f"content-type: text/plain\n\n{text}\n".encode()
+    return bytes(wasmtime.wat2wasm(printing_guest(body)))
 
 
 def bcrypt_htpasswd_line(user: str, password: str) -> str:
@@ -92,18 +76,6 @@ def bcrypt_htpasswd_line(user: str, password: str) -> str:
     hashed = libcrypt.crypt(password.encode(), setting)
     assert setting and hashed and hashed.startswith(b"$2b$"), "libcrypt has no bcrypt"
     return f"{user}:{hashed.decode()}"
-
-
-def registry_binary() -> Path:
-    """The unpacked docker-registry; a missing one skips locally and fails in CI."""
-    if REGISTRY_BINARY.exists():
-        return REGISTRY_BINARY
-    on_path = shutil.which("docker-registry")
-    if on_path:
-        return Path(on_path)
-    if os.environ.get("CI"):
-        pytest.fail(f"{REGISTRY_BINARY} is missing: `make test` unpacks Debian's docker-registry")
-    pytest.skip("docker-registry not unpacked (run `make test` once, or apt-get docker-registry)")
 
 
 @dataclass
@@ -135,7 +107,7 @@ def run_registry(
 ) -> Iterator[Registry]:
     """docker-registry on 127.0.0.1, storing under `folder`; `htpasswd`: basic auth lines;
     `auth`: another `auth:` section (TokenIssuer.registry_auth)."""
-    binary = registry_binary()
+    binary = unpacked_binary(REGISTRY_BINARY, "docker-registry")
     folder.mkdir(parents=True, exist_ok=True)
     port = free_port()
     root = folder / "storage"
@@ -205,15 +177,22 @@ def push(
             "layers": layers,
         }
     ).encode()
+    return _put_manifest(client, reference, manifest, OCI_MANIFEST)
+
+
+def _put_manifest(
+    client: RegistryClient, reference: Reference, content: bytes, media_type: str
+) -> str:
+    """PUT a manifest or an index under `reference`'s tag; the digest it is stored by."""
     response = client.request(
         "PUT",
         reference,
         f"manifests/{reference.tag}",
-        content=manifest,
-        headers={"content-type": OCI_MANIFEST},
+        content=content,
+        headers={"content-type": media_type},
     )
     assert response.status_code == 201, response.text
-    return "sha256:" + hashlib.sha256(manifest).hexdigest()
+    return "sha256:" + hashlib.sha256(content).hexdigest()
 
 
 def _upload_blob(
@@ -252,12 +231,4 @@ def push_index(
             }
         )
     index = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries}).encode()
-    response = client.request(
-        "PUT",
-        reference,
-        f"manifests/{reference.tag}",
-        content=index,
-        headers={"content-type": OCI_INDEX},
-    )
-    assert response.status_code == 201, response.text
-    return "sha256:" + hashlib.sha256(index).hexdigest()
+    return _put_manifest(client, reference, index, OCI_INDEX)

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import os
 import signal
-import textwrap
 import time
 from collections.abc import Callable
 
 import httpx
 import pytest
 import trio
-from conftest import DEMO, Running, Workspace
+from conftest import DEMO, Running, Workspace, printing_guest
 from test_lifecycle import serve_process
 
 from supervisor.modules import ArtifactCache
@@ -69,22 +68,8 @@ def says(status: int, text: str) -> Callable[[httpx.Response], bool]:
 
 
 def greeting_wat(text: str) -> str:
-    """A guest answering `text` (ASCII without quotes or backslashes): one module per text."""
-    output = f"content-type: text/plain\n\n{text}\n"
-    escaped = output.replace("\n", "\\n")
-    return textwrap.dedent(
-        f"""\
-        (module
-          (import "wasi_snapshot_preview1" "fd_write"
-            (func $fd_write (param i32 i32 i32 i32) (result i32)))
-          (memory (export "memory") 1)
-          (data (i32.const 16) "{escaped}")
-          (func (export "_start")
-            (i32.store (i32.const 0) (i32.const 16))
-            (i32.store (i32.const 4) (i32.const {len(output)}))
-            (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))
-        """
-    )
+    """A guest answering `text`: one module per text."""
+    return printing_guest(f"content-type: text/plain\n\n{text}\n".encode())
 
 
 # Policies -------------------------------------------------------------------------------------

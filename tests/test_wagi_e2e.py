@@ -12,7 +12,7 @@ import shutil
 
 import httpx
 import pytest
-from conftest import DEMO
+from conftest import DEMO, printing_guest
 from test_wagi import CGI_VARIABLES
 
 TENANT_ENV_ONLY = {"GREETING"}
@@ -44,22 +44,6 @@ def add_guest(workspace, tenant: str, route: str, name: str, wat: str) -> None:
     (folder / name).write_text(wat)
     with (folder / "modules.toml").open("a") as modules:
         modules.write(f'\n[[module]]\nroute = "{route}"\nmodule = "{name}"\n')
-
-
-def printing_guest(output: bytes) -> str:
-    """WAT of a guest that writes `output` to stdout in one call and returns."""
-    data = "".join(f"\\{byte:02x}" for byte in output)
-    return f"""
-(module
-  (import "wasi_snapshot_preview1" "fd_write"
-    (func $fd_write (param i32 i32 i32 i32) (result i32)))
-  (memory (export "memory") 1)
-  (data (i32.const 16) "{data}")
-  (func (export "_start")
-    (i32.store (i32.const 0) (i32.const 16))
-    (i32.store (i32.const 4) (i32.const {len(output)}))
-    (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))
-"""
 
 
 # Tries to create `new.txt` and to truncate `about.txt` in its first preopen (fd 3), and says

@@ -7,6 +7,7 @@ import time
 
 import pytest
 import wasmtime
+from conftest import leb, section
 
 from supervisor.errors import ModuleRejected
 from supervisor.wasm_binary import (
@@ -34,20 +35,6 @@ SMALL_WAT = """
   (@custom "note" "a custom section")
 )
 """
-
-
-def leb(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        low, value = value & 0x7F, value >> 7
-        if not value:
-            out.append(low)
-            return bytes(out)
-        out.append(low | 0x80)
-
-
-def section(section_id: int, body: bytes) -> bytes:
-    return bytes([section_id]) + leb(len(body)) + body
 
 
 def name(text: str) -> bytes:

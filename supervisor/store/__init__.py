@@ -90,6 +90,7 @@ __all__ = [
     "ModuleVersion",
     "collect_garbage",
     "digest_of",
+    "folder_names",
     "manifest_lock",
     "module_path",
     "open_change_counter",
@@ -486,9 +487,9 @@ def collect_garbage(tenant_dir: Path, manifest: Manifest) -> list[str]:
     removed = []
     keep = {f"{digest}.wasm" for digest in manifest.referenced()}
     modules_dir = tenant_dir / MODULES_DIR
-    candidates = [(modules_dir, name) for name in _names(modules_dir)]
+    candidates = [(modules_dir, name) for name in folder_names(modules_dir)]
     candidates += [
-        (tenant_dir, name) for name in _names(tenant_dir) if _MANIFEST_TEMP_RE.fullmatch(name)
+        (tenant_dir, name) for name in folder_names(tenant_dir) if _MANIFEST_TEMP_RE.fullmatch(name)
     ]
     for folder, name in candidates:
         if name in keep or not (name.endswith(".wasm") or _TEMP_RE.fullmatch(name)):
@@ -499,7 +500,8 @@ def collect_garbage(tenant_dir: Path, manifest: Manifest) -> list[str]:
     return removed
 
 
-def _names(folder: Path) -> list[str]:
+def folder_names(folder: Path) -> list[str]:
+    """The names in `folder`; a folder not made yet (a tenant with no uploads) holds none."""
     try:
         return os.listdir(folder)
     except FileNotFoundError:

@@ -27,6 +27,7 @@ from . import (
     MODULES_DIR,
     Manifest,
     collect_garbage,
+    folder_names,
     manifest_lock,
     module_path,
     read_manifest,
@@ -117,7 +118,7 @@ class FileStore(UploadStore):
             folder = self.root / tenant
             with manifest_lock(folder):
                 keep = referenced([read_manifest(folder)])
-                for name in _names(folder / MODULES_DIR):
+                for name in folder_names(folder / MODULES_DIR):
                     digest = name.removesuffix(".wasm")
                     path = folder / MODULES_DIR / name
                     if digest in keep or not name.endswith(".wasm"):
@@ -127,10 +128,3 @@ class FileStore(UploadStore):
                             path.unlink()
                             removed.append(f"{tenant}/{name}")
         return removed
-
-
-def _names(folder: Path) -> list[str]:
-    try:
-        return os.listdir(folder)
-    except FileNotFoundError:
-        return []

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import trio
 import wasmtime
-from conftest import DEMO
+from conftest import DEMO, leb, section
 from test_admin import admin_tenant, bearer, module_url, start_admin, token_of
 
 from supervisor.compiler import COMPILER, SERVING_CODE, CompileLimits
@@ -48,20 +48,6 @@ POLL_S = 0.01
 RUN_LIMITS = GuestLimits(
     fuel=10_000_000, memory_bytes=1 << 24, timeout_ms=1000, max_stdout_bytes=4096
 )
-
-
-def leb(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        low, value = value & 0x7F, value >> 7
-        if not value:
-            out.append(low)
-            return bytes(out)
-        out.append(low | 0x80)
-
-
-def section(section_id: int, body: bytes) -> bytes:
-    return bytes([section_id]) + leb(len(body)) + body
 
 
 def many_functions(count: int, body: bytes = b"\x00\x0b") -> bytes:

@@ -11,27 +11,15 @@ outcome DESIGN.md's table gives (status and access-log outcome).
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from pathlib import Path
 
 import pytest
+from conftest import add_hostile_tenant
 
 from supervisor import sandbox
 
-GUESTS = Path(__file__).parent / "guests"
 MiB = 1024 * 1024
-
-
-def add_tenant(workspace, name: str, routes: dict[str, str], policy: str = "") -> None:
-    """A tenant serving guests of tests/hostile/guests (the workspace knows tests/guests)."""
-    workspace.add_tenant(name, {}, policy)
-    folder = workspace.tenants / name
-    entries = []
-    for route, guest in routes.items():
-        shutil.copyfile(GUESTS / guest, folder / guest)
-        entries.append(f'[[module]]\nroute = "{route}"\nmodule = "{guest}"\n')
-    (folder / "modules.toml").write_text("\n".join(entries))
 
 
 def access_record(caplog: pytest.LogCaptureFixture, route: str) -> logging.LogRecord:
@@ -67,7 +55,7 @@ async def test_a_gather_write_to_stdout_stops_at_the_cap_without_copying_the_res
     """512 iovecs over the same 1 MiB: 512 MiB if copied whole; the cap is 1 MiB."""
     caplog.set_level(logging.INFO, logger="supervisor.access")
     policy = 'max_response_bytes = "1MiB"\n'
-    add_tenant(workspace, "t", {"/gather": "host_calls_gather_stdout.wat"}, policy)
+    add_hostile_tenant(workspace, "t", {"/gather": "host_calls_gather_stdout.wat"}, policy)
     running = await start_supervisor()
     reset_peak_rss()
     before = peak_rss_since_reset()
@@ -83,7 +71,7 @@ async def test_a_gather_write_to_stderr_ends_at_the_deadline(workspace, start_su
     """16,384 iovecs over the same 1 MiB, in a loop: 16 GiB a call if copied whole."""
     caplog.set_level(logging.INFO, logger="supervisor.access")
     policy = "timeout_ms = 200\nfuel_per_request = 10_000_000_000_000\n"
-    add_tenant(workspace, "t", {"/gather": "host_calls_gather_stderr.wat"}, policy)
+    add_hostile_tenant(workspace, "t", {"/gather": "host_calls_gather_stderr.wat"}, policy)
     running = await start_supervisor()
     started = time.monotonic()
     response = await running.client.get("/t/gather")
@@ -100,7 +88,7 @@ async def test_an_fd_write_of_millions_of_empty_iovecs_ends_at_the_deadline_insi
     it (the epoch deadline cannot interrupt host code)."""
     caplog.set_level(logging.INFO, logger="supervisor.access")
     policy = 'timeout_ms = 20\nfuel_per_request = 10_000_000_000_000\nmemory_bytes = "32MiB"\n'
-    add_tenant(workspace, "t", {"/empty": "host_calls_empty_iovecs.wat"}, policy)
+    add_hostile_tenant(workspace, "t", {"/empty": "host_calls_empty_iovecs.wat"}, policy)
     running = await start_supervisor()
     response = await running.client.get("/t/empty")
     assert response.status_code == 504
@@ -119,7 +107,7 @@ async def test_poll_oneoff_past_max_poll_subscriptions_fails_with_einval(
 ):
     """The guest asks for 65 subscriptions and prints the errno it got."""
     policy = f"max_poll_subscriptions = {max_poll_subscriptions}\n"
-    add_tenant(workspace, "t", {"/poll": "host_calls_poll_many.wat"}, policy)
+    add_hostile_tenant(workspace, "t", {"/poll": "host_calls_poll_many.wat"}, policy)
     running = await start_supervisor()
     response = await running.client.get("/t/poll")
     assert (response.status_code, response.text) == (200, f"errno={errno:02d}\n")
@@ -132,7 +120,7 @@ async def test_a_guest_looping_on_poll_oneoff_runs_out_of_fuel_not_out_of_time(
     uncharged, minutes of host work); charged, it is spent within a fraction of a second."""
     caplog.set_level(logging.INFO, logger="supervisor.access")
     policy = "timeout_ms = 3000\nfuel_per_request = 20_000_000\n"
-    add_tenant(workspace, "t", {"/loop": "host_calls_poll_loop.wat"}, policy)
+    add_hostile_tenant(workspace, "t", {"/loop": "host_calls_poll_loop.wat"}, policy)
     running = await start_supervisor()
     started = time.monotonic()
     response = await running.client.get("/t/loop")
@@ -145,7 +133,7 @@ async def test_a_guest_looping_on_poll_oneoff_runs_out_of_fuel_not_out_of_time(
 async def test_each_fd_write_is_charged_to_the_guests_fuel(workspace, start_supervisor, caplog):
     """1,000 empty fd_writes: a few thousand instructions, plus the host's base charge each."""
     caplog.set_level(logging.INFO, logger="supervisor.access")
-    add_tenant(workspace, "t", {"/writes": "host_calls_write_loop.wat"})
+    add_hostile_tenant(workspace, "t", {"/writes": "host_calls_write_loop.wat"})
     running = await start_supervisor()
     response = await running.client.get("/t/writes")
     assert (response.status_code, response.text) == (200, "wrote\n")
@@ -159,7 +147,9 @@ async def test_a_start_function_that_never_returns_is_a_timeout(
     workspace, start_supervisor, caplog
 ):
     caplog.set_level(logging.INFO, logger="supervisor.access")
-    add_tenant(workspace, "t", {"/start": "host_calls_start_loop.wat"}, "timeout_ms = 100\n")
+    add_hostile_tenant(
+        workspace, "t", {"/start": "host_calls_start_loop.wat"}, "timeout_ms = 100\n"
+    )
     running = await start_supervisor()
     response = await running.client.get("/t/start")
     assert response.status_code == 504

@@ -10,34 +10,21 @@ answering), and that a guest's stderr stays on one log line of its own.
 from __future__ import annotations
 
 import logging
-import shutil
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 import trio
+from conftest import add_hostile_tenant
 
 from supervisor import gateway
 
-GUESTS = Path(__file__).parent / "guests"
 HEALTHZ_MAX_LATENCY_S = 0.5
 """Slowest `/healthz` allowed while the 2,000,000-line head is refused. Parsing that head on
 the event loop held it 3-5 s; the guest itself runs ~0.1 s in a thread of its own."""
 REFUSAL_MAX_S = 3.0
 """Longest the 2,000,000-line head may take to be refused, start to end (the guest writes
 8 MB in ~0.1 s; the rest of the bound is slack for a busy 2-core machine)."""
-
-
-def add_tenant(workspace, name: str, routes: dict[str, str], policy: str = "") -> None:
-    """A tenant serving guests of tests/hostile/guests (the workspace knows tests/guests)."""
-    workspace.add_tenant(name, {}, policy)
-    folder = workspace.tenants / name
-    entries = []
-    for route, guest in routes.items():
-        shutil.copyfile(GUESTS / guest, folder / guest)
-        entries.append(f'[[module]]\nroute = "{route}"\nmodule = "{guest}"\n')
-    (folder / "modules.toml").write_text("\n".join(entries))
 
 
 def outcomes(caplog: pytest.LogCaptureFixture, route: str) -> list[tuple[int, str]]:
@@ -77,7 +64,7 @@ async def test_a_head_of_two_million_lines_is_refused_while_healthz_keeps_answer
     workspace, start_supervisor, caplog, policy, bound
 ):
     caplog.set_level(logging.INFO, logger="supervisor.access")
-    add_tenant(workspace, "t", {"/lines": "response_head_lines.wat"}, policy)
+    add_hostile_tenant(workspace, "t", {"/lines": "response_head_lines.wat"}, policy)
     running = await start_supervisor()
     client = running.client
     answered: list[httpx.Response | Exception] = []
@@ -129,7 +116,7 @@ async def test_the_default_bounds_are_128_header_lines_and_64kib(
     workspace, start_supervisor, caplog, output, status, bound
 ):
     caplog.set_level(logging.INFO, logger="supervisor.access")
-    add_tenant(workspace, "t", {"/echo": "response_head_echo.wat"})
+    add_hostile_tenant(workspace, "t", {"/echo": "response_head_echo.wat"})
     running = await start_supervisor()
     response = await running.client.post("/t/echo", content=output)
     assert response.status_code == status, response.text
@@ -143,7 +130,7 @@ async def test_the_default_bounds_are_128_header_lines_and_64kib(
 
 async def test_a_policy_with_higher_bounds_lets_a_larger_head_through(workspace, start_supervisor):
     # 96KiB: httpx (httpcore) reads a response head of at most 100KiB.
-    add_tenant(
+    add_hostile_tenant(
         workspace,
         "t",
         {"/echo": "response_head_echo.wat"},
@@ -167,7 +154,7 @@ async def test_a_policy_with_higher_bounds_lets_a_larger_head_through(workspace,
 
 async def test_guest_stderr_cannot_start_a_log_line_of_its_own(workspace, start_supervisor, caplog):
     caplog.set_level(logging.INFO, logger="supervisor.guest")
-    add_tenant(workspace, "t", {"/": "response_head_stderr.wat"})
+    add_hostile_tenant(workspace, "t", {"/": "response_head_stderr.wat"})
     running = await start_supervisor()
     response = await running.client.get("/t/")
     assert (response.status_code, response.text) == (200, "ok\n")

@@ -55,6 +55,15 @@ NATS_SERVER = Path(
 NATS_CLAIM_TTL_S = 1.0  # the claims bucket's TTL in these tests: a dead pod's claim lapses fast
 
 
+def require_nats() -> None:
+    """Skip without nats-py or the nats-server binary; in CI a missing binary is a failure."""
+    pytest.importorskip("nats", reason="nats-py is not installed")
+    if not NATS_SERVER.exists():
+        if os.environ.get("CI"):  # `make test` unpacks it
+            pytest.fail(f"no nats-server at {NATS_SERVER}: `make test` should have unpacked it")
+        pytest.skip(f"no nats-server at {NATS_SERVER} (make test unpacks Debian's)")
+
+
 @pytest.fixture
 def sandbox() -> Sandbox:
     with Sandbox() as sandbox:
@@ -66,11 +75,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], Artifa
     """A shared artifact bucket: each call is one more pod's handle on the same bucket."""
     if request.param == "file":
         return lambda: FileArtifactBucket(tmp_path / "store")
-    pytest.importorskip("nats", reason="nats-py is not installed")
-    if not NATS_SERVER.exists():
-        if os.environ.get("CI"):  # `make test` unpacks it: in CI its absence is a failure
-            pytest.fail(f"no nats-server at {NATS_SERVER}: `make test` should have unpacked it")
-        pytest.skip(f"no nats-server at {NATS_SERVER} (make test unpacks Debian's)")
+    require_nats()
     from supervisor.store.nats_artifacts import NatsArtifactBucket
 
     connection, _ = request.getfixturevalue("nats_connection")
@@ -569,11 +574,7 @@ def test_an_unreachable_store_costs_a_compile_not_service(
     tmp_path: Path, sandbox: Sandbox, request: pytest.FixtureRequest, caplog
 ) -> None:
     """NATS goes away: a pod that lacks the artifact compiles it, and says why in its log."""
-    pytest.importorskip("nats", reason="nats-py is not installed")
-    if not NATS_SERVER.exists():
-        if os.environ.get("CI"):  # `make test` unpacks it: in CI its absence is a failure
-            pytest.fail(f"no nats-server at {NATS_SERVER}: `make test` should have unpacked it")
-        pytest.skip(f"no nats-server at {NATS_SERVER} (make test unpacks Debian's)")
+    require_nats()
     from supervisor.store.nats_artifacts import NatsArtifactBucket
 
     connection, server = request.getfixturevalue("nats_connection")
