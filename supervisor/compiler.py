@@ -68,7 +68,8 @@ _CPU_HARD_MARGIN_S = 1
 """RLIMIT_CPU's soft limit sends SIGXCPU; the hard limit, this much later, SIGKILLs a child
 that ignored it."""
 _SERVER_ATTEMPTS = 2
-"""A job whose compile server died under it (not its child) is tried once more on a new one."""
+"""A job whose compile server died under it (not its child) is tried again on another; it
+fails once this many *new* servers died under it (idle ones found dead cost no try)."""
 
 # How a child ends when it did not crash: its exit status says which, the output memfd holds
 # the artifact (OK) or a one-line reason.
@@ -170,28 +171,33 @@ class Compiler:
         """The serialized artifact of `binary`. Raises ModuleRejected naming what failed."""
         job = json.dumps({"settings": asdict(settings), "limits": asdict(limits)}).encode()
         with _memfd("module", binary) as module_fd, _memfd("artifact") as out_fd:
-            for attempt in range(1, _SERVER_ATTEMPTS + 1):
-                server = self._take()
+            failures = 0  # of new servers: an idle one found dead costs no try (the pool ends)
+            while True:
+                server, reused = self._take()
                 status = server.run(job, module_fd, out_fd, name=name)
                 if status is not None:
                     with self._lock:
                         self._idle.append(server)
                     break
                 server.stop()
-                log.warning("compile server died during %s (try %d)", name, attempt)
-            else:
-                raise ModuleRejected(f"{name}: the compile process failed; try again later")
+                log.warning("compile server %d died during %s", server.pid, name)
+                if not reused:
+                    failures += 1
+                    if failures == _SERVER_ATTEMPTS:
+                        raise ModuleRejected(f"{name}: the compile process failed; try again later")
             output = _read_all(out_fd)
         return _outcome(status, output, limits, name=name)
 
-    def _take(self) -> _CompileServer:
+    def _take(self) -> tuple[_CompileServer, bool]:
+        """An idle server that looks alive (it may have died a moment ago), else a new one;
+        and whether it was idle."""
         with self._lock:
             while self._idle:
                 server = self._idle.pop()
                 if server.alive():
-                    return server
+                    return server, True
                 server.stop()
-        return _CompileServer()
+        return _CompileServer(), False
 
 
 class _CompileServer:
