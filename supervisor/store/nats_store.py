@@ -287,13 +287,10 @@ class NatsStore(UploadStore):
             log.warning("store: local copies of manifests not written: %s", exc)
 
     def _keep_replayed(self, tenant: str, revision: int, value: bytes) -> None:
-        """A manifest of the start's replay: checked, and kept to be written when asked for.
-        Its modules' bytes are not fetched: a module is fetched when it loads (by its shared
-        artifact alone when there is one), so 10,000 tenants do not cost 10,000 fetches."""
-        try:
-            self._parse(tenant, value)
-        except Exception as exc:
-            log.error("store: %s", exc)
+        """A manifest of the start's replay, kept to be written when asked for. It is parsed
+        (and a broken one reported) by its tenant's build, not twice. Its modules' bytes are
+        not fetched: a module is fetched when it loads (by its shared artifact alone when there
+        is one), so 10,000 tenants do not cost 10,000 fetches."""
         with self._install_lock:
             if revision > self._revisions.get(tenant, 0):
                 self._revisions[tenant] = revision
