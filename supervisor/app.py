@@ -178,13 +178,11 @@ async def run(
             operator_root=config.operator_root,
             loaded=LoadedModules(config.module_cache_bytes),
         )
-        if not store_settings.is_file:
-            # Ready once the manifests are read; a store that is down is said, not waited for.
-            synced = await trio.to_thread.run_sync(uploads.wait_synced, STORE_WAIT_S)
-            if not synced:
-                log.warning("%s; serving what is cached until it answers", registry.not_ready())
         started = time.perf_counter()
-        served = await trio.to_thread.run_sync(registry.read_policies)
+        async with trio.open_nursery() as reading:
+            if not store_settings.is_file:  # the manifests' replay, while policies are read
+                reading.start_soon(_wait_for_manifests, uploads, registry)
+            served = await trio.to_thread.run_sync(registry.read_policies)
         log.info(
             "read %d policies in %.2fs; %d errors",
             served,
@@ -268,6 +266,12 @@ async def run(
         guest_threads.close()
         registry.outbound.close()
         log.info("stopped")
+
+
+async def _wait_for_manifests(uploads: UploadStore, registry: TenantRegistry) -> None:
+    """Ready once the manifests are read; a store that is down is said, not waited for."""
+    if not await trio.to_thread.run_sync(uploads.wait_synced, STORE_WAIT_S):
+        log.warning("%s; serving what is cached until it answers", registry.not_ready())
 
 
 async def _build_tenants(registry: TenantRegistry) -> None:

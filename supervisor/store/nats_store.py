@@ -83,10 +83,12 @@ class NatsStore(UploadStore):
         self._modules_dir.mkdir(parents=True, exist_ok=True)
         self._manifests_dir = Path(tempfile.mkdtemp(prefix="manifests-", dir=local))
         self._revisions: dict[str, int] = {}  # tenant -> revision of its local copy
-        # Copies of the start's replay not written yet (tenant -> revision, value): the pod is
-        # ready once the replay is read, and each copy is written when its folder is first
-        # asked for (its tenant's build) or by a flush in the background, whichever is first.
+        # Copies of a replay not written yet (tenant -> revision, value), of tenants whose
+        # folder nobody asked for yet: the pod is ready once the replay is read, and each copy
+        # is written when its folder is first asked for (its tenant's first build). A tenant
+        # already asked for is installed at once, so the registry's next poll sees the change.
         self._unwritten: dict[str, tuple[int, bytes]] = {}
+        self._asked: set[str] = set()
         self._install_lock = threading.Lock()
         self._listeners: list[Callable[[], None]] = []
         self._synced = threading.Event()  # the first replay of the bucket is done
@@ -205,8 +207,9 @@ class NatsStore(UploadStore):
         return path
 
     def manifest_dir(self, tenant: str) -> Path:
-        if tenant in self._unwritten:
+        if tenant not in self._asked or tenant in self._unwritten:
             with self._install_lock:
+                self._asked.add(tenant)
                 self._write_unwritten(tenant)
         return self._manifests_dir / tenant
 
@@ -275,26 +278,21 @@ class NatsStore(UploadStore):
         due = self._unwritten.get(tenant)
         if due is not None:
             self._write_copy(tenant, *due)
-            del self._unwritten[tenant]  # only now: `manifest_dir` waits for a write under way
+            del self._unwritten[tenant]
 
-    def _flush_unwritten(self) -> None:
-        """Write every copy of the replay no build has asked for yet (in the background)."""
-        try:
-            for tenant in list(self._unwritten):
-                with self._install_lock:
-                    self._write_unwritten(tenant)
-        except OSError as exc:  # closed under it (its folder removed), or a full disk
-            log.warning("store: local copies of manifests not written: %s", exc)
-
-    def _keep_replayed(self, tenant: str, revision: int, value: bytes) -> None:
-        """A manifest of the start's replay, kept to be written when asked for. It is parsed
-        (and a broken one reported) by its tenant's build, not twice. Its modules' bytes are
-        not fetched: a module is fetched when it loads (by its shared artifact alone when there
-        is one), so 10,000 tenants do not cost 10,000 fetches."""
+    def _keep_replayed(self, tenant: str, revision: int, value: bytes) -> bool:
+        """A manifest of a replay, kept to be written when its folder is asked for, unless it
+        already was (then False: install it now). It is parsed (and a broken one reported) by
+        its tenant's build, not twice; its modules' bytes are not fetched: a module is fetched
+        when it loads (by its shared artifact alone when there is one), so a new pod of a
+        store with 10,000 tenants does not fetch 10,000 modules."""
         with self._install_lock:
+            if tenant in self._asked:
+                return False
             if revision > self._revisions.get(tenant, 0):
                 self._revisions[tenant] = revision
                 self._unwritten[tenant] = (revision, value)
+            return True
 
     def _keep_local(self, sha256: str, binary: bytes) -> None:
         path = self._modules_dir / f"{sha256}.wasm"
@@ -356,13 +354,12 @@ class NatsStore(UploadStore):
                     replayed = None
                     self._synced.set()
                     self._notify()
-                    asyncio.get_running_loop().run_in_executor(None, self._flush_unwritten)
                     continue
                 deleted = entry.operation in ("DEL", "PURGE")
                 if replayed is not None and not deleted:
                     replayed.add(entry.key)
-                    self._keep_replayed(entry.key, entry.revision, entry.value)
-                    continue
+                    if self._keep_replayed(entry.key, entry.revision, entry.value):
+                        continue
                 await self._apply_entry(entry.key, entry.revision, None if deleted else entry.value)
                 if replayed is None:
                     self._notify()
