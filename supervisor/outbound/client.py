@@ -74,6 +74,10 @@ RESOLVER_THREADS = 8
 """Name lookups in progress at once in this process. `getaddrinfo` cannot be interrupted, so
 a lookup stuck on a dead resolver keeps its thread (not the guest) until the system's own
 timeout; when all are stuck, a lookup fails at once (11) instead of starting more threads."""
+RESOLVER_THREADS_PER_TENANT = 2
+"""Of those, the most one tenant's lookups may hold: a guest that asks for names whose name
+server never answers (any name under a wildcard it is allowed) stalls its own lookups, not
+every tenant's."""
 RESOLVE_TIMEOUT_S = 5.0
 """The longest wait for a name lookup, when the guest has that much time left: past it the
 request fails (11) and the guest may try again or answer without it. glibc waits 5 s for a
@@ -317,29 +321,40 @@ class Resolver:
 
     def __init__(self) -> None:
         self._busy = 0
+        self._busy_by: dict[object, int] = {}  # by owner (a tenant's backend)
         self._lock = threading.Lock()
 
-    def addresses(self, host: str, port: int, timeout: float | None) -> list[str]:
-        """The addresses `host` resolves to, in the resolver's order; raises httpcore's
-        ConnectError (no answer, or every lookup thread busy) or ConnectTimeout."""
+    def addresses(self, owner: object, host: str, port: int, timeout: float | None) -> list[str]:
+        """The addresses `host` resolves to, in the resolver's order, for `owner` (one
+        tenant's); raises httpcore's ConnectError (no answer, or every lookup thread of the
+        process or of `owner` busy) or ConnectTimeout."""
         try:
             return [str(ipaddress.ip_address(host))]
         except ValueError:
             pass
         with self._lock:
+            if self._busy_by.get(owner, 0) >= RESOLVER_THREADS_PER_TENANT:
+                raise httpcore.ConnectError(
+                    f"cannot resolve {host}: this tenant's {RESOLVER_THREADS_PER_TENANT} name"
+                    " lookups at once are waiting for the resolver"
+                )
             if self._busy >= RESOLVER_THREADS:
                 raise httpcore.ConnectError(
                     f"cannot resolve {host}: all {RESOLVER_THREADS} name lookup threads are"
                     " waiting for the resolver"
                 )
             self._busy += 1
+            self._busy_by[owner] = self._busy_by.get(owner, 0) + 1
         lookup = _Lookup()
         try:
             threading.Thread(
-                target=self._run, args=(host, port, lookup), name="outbound-resolver", daemon=True
+                target=self._run,
+                args=(owner, host, port, lookup),
+                name="outbound-resolver",
+                daemon=True,
             ).start()
         except BaseException:
-            self._done()
+            self._done(owner)
             raise
         wait = RESOLVE_TIMEOUT_S if timeout is None else min(timeout, RESOLVE_TIMEOUT_S)
         if not lookup.done.wait(wait):
@@ -348,19 +363,22 @@ class Resolver:
             raise httpcore.ConnectError(f"cannot resolve {host}: {lookup.error}")
         return lookup.addresses
 
-    def _run(self, host: str, port: int, lookup: _Lookup) -> None:
+    def _run(self, owner: object, host: str, port: int, lookup: _Lookup) -> None:
         try:
             found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
             lookup.addresses = [str(info[4][0]) for info in found]
         except Exception as exc:  # OSError, UnicodeError: the guest gets 11, never a raise
             lookup.error = exc
         finally:
-            self._done()
+            self._done(owner)
             lookup.done.set()
 
-    def _done(self) -> None:
+    def _done(self, owner: object) -> None:
         with self._lock:
             self._busy -= 1
+            left = self._busy_by.pop(owner) - 1
+            if left:
+                self._busy_by[owner] = left
 
 
 RESOLVER = Resolver()
@@ -386,7 +404,7 @@ class _GuardedBackend(httpcore.SyncBackend):
 
     def _connect(self, host, port, timeout, local_address, socket_options):
         started = time.monotonic()
-        addresses = RESOLVER.addresses(host, port, timeout)
+        addresses = RESOLVER.addresses(self, host, port, timeout)
         if (host, port) not in self._proxies:
             addresses = [a for a in addresses if address_allowed(host, a, self._named_exactly)]
             if not addresses:

@@ -864,6 +864,23 @@ async def test_when_every_lookup_thread_is_stuck_a_lookup_fails_at_once(
         await trio.sleep(0.02)
 
 
+async def test_one_tenants_stuck_lookups_never_take_another_tenants_lookups(
+    workspace, start_supervisor, upstream, stuck_resolver, monkeypatch
+):
+    """A guest asking again and again for a name whose name server never answers holds at
+    most its tenant's share of the lookup threads: another tenant's names still resolve."""
+    monkeypatch.setattr(client, "RESOLVE_TIMEOUT_S", 0.1, raising=False)
+    stuck = f"http://stuck.test:{upstream.port}"
+    add_tenant(workspace, [stuck], [stuck], "max_outbound_requests = 64", tenant="a")
+    named = f"http://localhost:{upstream.port}"  # resolved by /etc/hosts: a real lookup
+    add_tenant(workspace, [named], [named], tenant="b")
+    running = await start_supervisor()
+    for _ in range(client.RESOLVER_THREADS):  # as many as the process has threads
+        assert req_code((await call(running, f"{stuck}/hello", tenant="a"))[1]) == 11
+    assert len(stuck_resolver.lookups) == client.RESOLVER_THREADS_PER_TENANT
+    assert "req=0 status=200" in (await call(running, f"{named}/hello", tenant="b"))[1]
+
+
 async def test_an_uploaded_module_gets_its_allowed_hosts_from_the_upload_and_keeps_them(
     workspace, start_supervisor, upstream
 ):
