@@ -66,7 +66,7 @@ from .loaded_modules import Loaded, LoadedModules, ModuleRef
 from .modules import ArtifactCache, CompiledModule, to_binary
 from .outbound import abi as outbound_abi
 from .outbound.client import TenantClients
-from .outbound.rules import PatternError, parse_allow_list
+from .outbound.rules import parse_allow_list
 from .policies import Policy
 from .routing import (
     Route,
@@ -316,7 +316,9 @@ def parse_modules_toml(
             volumes = _operator_volumes(source, where, entry.get("volumes", {}))
         else:
             volumes = policies.parse_volumes(source, entry.get("volumes", {}))
-        allowed_hosts = _parse_allowed_hosts(source, where, entry.get("allowed_hosts"))
+        allowed_hosts = store.parse_allowed_hosts(
+            entry.get("allowed_hosts"), source=source, key=f"{where}.allowed_hosts"
+        )
         concurrency = entry.get("http_max_concurrency")
         if concurrency is not None and (
             isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1
@@ -386,20 +388,6 @@ def _check_unknown_keys(source: str, prefix: str, table: Mapping, known: set[str
         unknown_keys.warn_once(
             source, f"{prefix}{key}", f"unknown key ignored (known: {', '.join(sorted(known))})"
         )
-
-
-def _parse_allowed_hosts(source: str, where: str, value: object) -> tuple[str, ...] | None:
-    """A module's `allowed_hosts`: patterns as the policy's `outbound_hosts` takes them."""
-    if value is None:
-        return None
-    key = f"{where}.allowed_hosts"
-    if not isinstance(value, list):
-        raise ConfigError(source, key, "must be an array of strings")
-    try:
-        parse_allow_list(value)
-    except PatternError as exc:
-        raise ConfigError(source, key, str(exc)) from None
-    return tuple(value)
 
 
 class TenantRegistry:

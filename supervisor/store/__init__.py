@@ -94,6 +94,7 @@ __all__ = [
     "manifest_lock",
     "module_path",
     "open_change_counter",
+    "parse_allowed_hosts",
     "read_manifest",
     "read_manifest_bytes",
     "store_module",
@@ -377,7 +378,7 @@ def _parse_version(entry: object, *, source: str, key: str) -> ModuleVersion:
             for name, value in entry.items()
             if name not in _VERSION_KEYS and name not in (_DECLARED_ROUTES, *_OPTIONAL_KEYS)
         },
-        allowed_hosts=_parse_allowed_hosts(
+        allowed_hosts=parse_allowed_hosts(
             entry.get(_ALLOWED_HOSTS), source=source, key=f"{key}.{_ALLOWED_HOSTS}"
         ),
         http_max_concurrency=_parse_http_max_concurrency(
@@ -386,7 +387,9 @@ def _parse_version(entry: object, *, source: str, key: str) -> ModuleVersion:
     )
 
 
-def _parse_allowed_hosts(value: object, *, source: str, key: str) -> tuple[str, ...] | None:
+def parse_allowed_hosts(value: object, *, source: str, key: str) -> tuple[str, ...] | None:
+    """A module's `allowed_hosts` (a manifest entry's or a modules.toml one's): patterns as
+    the policy's `outbound_hosts` takes them; None when unset."""
     if value is None:
         return None
     if not isinstance(value, list):
