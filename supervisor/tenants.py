@@ -41,7 +41,7 @@ import threading
 import time
 import urllib.parse
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -996,19 +996,11 @@ class TenantRegistry:
     def _file_ref(
         self, path: Path, relative: str, digest: str, size: int, policy: Policy
     ) -> ModuleRef:
-        def load() -> Loaded:
-            started = time.perf_counter()
-            compiled = self.cache.load_cached(digest, size=size)
-            if compiled is None:
-                binary = _read_module(path, relative, policy, source=relative)
-                if hashlib.sha256(binary).hexdigest() != digest:
-                    raise ModuleRejected(f"{relative} changed since its tenant was loaded")
-                compiled = self.cache.load(
-                    binary, name=relative, limits=CompileLimits.of(policy), not_cached=True
-                )
-            return self._loaded(compiled, started, source=relative)
-
-        return ModuleRef(digest, relative, load)
+        """A module file of the operator's: its artifact if cached, else the file, checked
+        against the digest it had when its tenant was read, and compiled."""
+        return self._compiled_ref(
+            lambda: path, relative, digest, size, policy, "changed since its tenant was loaded"
+        )
 
     def _upload_ref(
         self, name: str, relative: str, digest: str, size: int, policy: Policy
@@ -1016,15 +1008,35 @@ class TenantRegistry:
         """An upload of tenant `name`: its artifact if cached, else its file from the store
         (`module_path` fetches it from a remote store: this runs in the load's thread, never
         on the event loop), verified against its digest and compiled."""
+        return self._compiled_ref(
+            lambda: self.uploads.module_path(name, digest),
+            relative,
+            digest,
+            size,
+            policy,
+            "does not hold the content it is named by",
+        )
+
+    def _compiled_ref(
+        self,
+        module_file: Callable[[], Path],
+        relative: str,
+        digest: str,
+        size: int,
+        policy: Policy,
+        mismatch: str,
+    ) -> ModuleRef:
+        """A module loaded (in the load's thread) from its cached or shared artifact by
+        `digest` alone, else read from `module_file()`, refused with `mismatch` when its bytes
+        are not `digest`'s, and compiled."""
 
         def load() -> Loaded:
             started = time.perf_counter()
             compiled = self.cache.load_cached(digest, size=size)
             if compiled is None:
-                path = self.uploads.module_path(name, digest)
-                binary = _read_module(path, relative, policy, source=relative)
+                binary = _read_module(module_file(), relative, policy, source=relative)
                 if hashlib.sha256(binary).hexdigest() != digest:
-                    raise ModuleRejected(f"{relative} does not hold the content it is named by")
+                    raise ModuleRejected(f"{relative} {mismatch}")
                 compiled = self.cache.load(
                     binary, name=relative, limits=CompileLimits.of(policy), not_cached=True
                 )
